@@ -1,0 +1,224 @@
+//! `shardpress compress`: run a recipe over a local checkpoint, on this machine.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use shardpress_engine::pipeline::Progress;
+use shardpress_engine::report::TensorReport;
+use shardpress_engine::{compress_local, LocalOptions, Recipe, Report};
+
+use crate::size::human;
+
+const RECIPE_HELP: &str = "\
+RECIPES
+  A recipe is a preset name or a TOML file of ordered rules. Each tensor takes the action of the
+  first rule whose targets match its name (globs, or regexes written \"re:...\"). Tensors matching
+  `ignore` (default: norms, biases, embeddings, lm_head), 1-D tensors, non-float tensors and
+  tensors no rule matches are copied byte for byte.
+
+    name = \"my-w4\"
+    ignore = [\"re:(?i).*norm.*\", \"*.bias\", \"re:.*embed.*\", \"lm_head.weight\"]
+    [[rules]]
+    targets = [\"re:.*layers\\\\.0\\\\..*\"]      # keep the first block in full precision
+    action = \"keep\"
+    [[rules]]
+    targets = [\"*.weight\"]
+    action = \"quantize\"                        # or \"cast\" (dtype = \"bf16\"|\"f16\"|\"f32\") or \"keep\"
+    bits = 4                                   # 2, 4 or 8
+    symmetric = true
+    strategy = \"group\"                         # tensor | channel | group
+    group_size = 128
+    scale_dtype = \"auto\"                       # auto (the tensor's dtype) | f32 | f16 | bf16
+
+PRESETS (`shardpress recipes NAME` prints one as TOML)
+  bf16    cast all float tensors to bfloat16        ~0.5x of f32 input; loads anywhere
+  fp16    cast all float tensors to float16         ~0.5x of f32 input; loads anywhere
+  w8a16   int8 weights, per output channel          ~0.25x of f32, ~0.5x of bf16; vLLM (compressed-tensors)
+  w4a16   int4 weights, groups of 128 columns       ~0.13x of f32, ~0.27x of bf16; vLLM (compressed-tensors)
+
+OUTPUT
+  One safetensors shard per layer group (model-00001-of-000NN.safetensors), the index json,
+  config.json (with quantization_config when weights are quantized), every other file of the
+  input (tokenizer, ...) and report.json with per-tensor sizes and errors. The output is written
+  to a hidden staging directory and renamed into place only when complete.";
+
+/// Compress a checkpoint on this machine, without a database or object store.
+#[derive(Debug, clap::Args)]
+#[command(after_long_help = RECIPE_HELP)]
+pub struct Args {
+    /// Checkpoint directory (model.safetensors, or shards with model.safetensors.index.json)
+    /// or a single .safetensors file.
+    input: PathBuf,
+
+    /// Preset name (bf16, fp16, w8a16, w4a16) or path to a recipe TOML file.
+    #[arg(long, short, env = "SHARDPRESS_RECIPE")]
+    recipe: String,
+
+    /// Output directory; must not exist (or be empty) unless --overwrite.
+    #[arg(long, short)]
+    out: PathBuf,
+
+    /// Worker threads (default: all cores). Output bytes do not depend on it.
+    #[arg(long, env = "SHARDPRESS_THREADS")]
+    threads: Option<usize>,
+
+    /// Replace an existing output directory (only after the new one is complete).
+    #[arg(long)]
+    overwrite: bool,
+
+    /// No progress bar or summary table.
+    #[arg(long, short)]
+    quiet: bool,
+
+    /// Summary format on stdout.
+    #[arg(long, value_enum, default_value = "text")]
+    output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
+}
+
+struct Bar(ProgressBar);
+
+impl Progress for Bar {
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+}
+
+/// Runs the command.
+pub fn run(args: Args) -> Result<()> {
+    let recipe = Recipe::load(&args.recipe)?;
+    let mut pool = rayon::ThreadPoolBuilder::new();
+    if let Some(n) = args.threads {
+        anyhow::ensure!(n >= 1, "--threads must be at least 1");
+        pool = pool.num_threads(n);
+    }
+    let pool = pool.build().context("starting worker threads")?;
+    let total = input_bytes(&args.input);
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let progress = Bar(bar);
+    let started = Instant::now();
+    let opts = LocalOptions {
+        overwrite: args.overwrite,
+    };
+    let report =
+        pool.install(|| compress_local(&args.input, &recipe, &args.out, &opts, &progress))?;
+    progress.0.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    match args.output {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "output": args.out.display().to_string(),
+                "recipe": report.recipe_name,
+                "seconds": secs,
+                "totals": report.totals,
+                "shards": report.shards.len(),
+            }))?
+        ),
+        OutputFormat::Text if !args.quiet => print_summary(&args, &report, secs),
+        OutputFormat::Text => {}
+    }
+    Ok(())
+}
+
+/// Tensor bytes of the input for the progress bar; 0 (unknown) when it cannot be read yet,
+/// in which case the real error comes from the compression itself.
+fn input_bytes(input: &std::path::Path) -> u64 {
+    shardpress_engine::Checkpoint::open_local(input)
+        .map(|c| c.tensor_bytes())
+        .unwrap_or(0)
+}
+
+fn print_summary(args: &Args, report: &Report, secs: f64) {
+    let t = &report.totals;
+    println!(
+        "{} -> {}  recipe {}  {} shard(s)  {:.1}s  {}/s",
+        args.input.display(),
+        args.out.display(),
+        report.recipe_name,
+        report.shards.len(),
+        secs,
+        human((t.bytes_in as f64 / secs.max(1e-9)) as u64)
+    );
+    println!();
+    println!(
+        "{:<9} {:>7} {:>11} {:>11} {:>6} {:>9} {:>9}",
+        "action", "tensors", "bytes in", "bytes out", "ratio", "mean err", "max err"
+    );
+    for action in ["quantize", "cast", "keep"] {
+        let rows: Vec<&TensorReport> = report
+            .tensors
+            .iter()
+            .filter(|r| r.action == action)
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        print_row(action, &rows);
+    }
+    let all: Vec<&TensorReport> = report.tensors.iter().collect();
+    print_row("total", &all);
+    let mut worst: Vec<&TensorReport> = report
+        .tensors
+        .iter()
+        .filter(|r| r.action != "keep")
+        .collect();
+    worst.sort_by(|a, b| b.error.rel_error.total_cmp(&a.error.rel_error));
+    if !worst.is_empty() {
+        println!();
+        println!("largest relative errors:");
+        for r in worst.iter().take(5) {
+            let snr = r
+                .error
+                .snr_db
+                .map_or("exact".to_string(), |s| format!("{s:.1} dB"));
+            println!(
+                "  {:<56} {:<28} {:>8.4}%  SNR {snr}",
+                r.name,
+                r.detail,
+                r.error.rel_error * 100.0
+            );
+        }
+    }
+    println!();
+    println!("report: {}", args.out.join("report.json").display());
+}
+
+fn print_row(label: &str, rows: &[&TensorReport]) {
+    let bytes_in: u64 = rows.iter().map(|r| r.bytes_in).sum();
+    let bytes_out: u64 = rows.iter().map(|r| r.bytes_out).sum();
+    let mean = rows.iter().map(|r| r.error.rel_error).sum::<f64>() / rows.len().max(1) as f64;
+    let max = rows.iter().map(|r| r.error.rel_error).fold(0.0, f64::max);
+    let ratio = if bytes_out == 0 {
+        0.0
+    } else {
+        bytes_in as f64 / bytes_out as f64
+    };
+    println!(
+        "{:<9} {:>7} {:>11} {:>11} {:>5.2}x {:>8.4}% {:>8.4}%",
+        label,
+        rows.len(),
+        human(bytes_in),
+        human(bytes_out),
+        ratio,
+        mean * 100.0,
+        max * 100.0
+    );
+}

@@ -1,0 +1,58 @@
+//! `shardpress inspect`: validate a checkpoint from its headers and show the plan.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use shardpress_engine::pipeline::plan_job;
+use shardpress_engine::recipe::TensorAction;
+use shardpress_engine::{Checkpoint, Recipe};
+
+use crate::size::human;
+
+/// Read only the headers of a checkpoint, validate them, and show how a recipe would treat
+/// each tensor and which output shard it lands in. Nothing is written.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Checkpoint directory or single .safetensors file.
+    input: PathBuf,
+    /// Recipe to plan with (preset name or TOML file).
+    #[arg(long, default_value = "w8a16")]
+    recipe: String,
+}
+
+/// Runs the command.
+pub fn run(args: Args) -> Result<()> {
+    let recipe = Recipe::load(&args.recipe)?;
+    let ckpt = Checkpoint::open_local(&args.input)?;
+    let plan = plan_job(&ckpt, &recipe).context("planning")?;
+    println!(
+        "{}: {} shard(s), {} tensors, {} of tensor data; {} output shard(s) with recipe {}",
+        args.input.display(),
+        ckpt.shards.len(),
+        ckpt.tensors.len(),
+        human(ckpt.tensor_bytes()),
+        plan.groups.len(),
+        recipe.name
+    );
+    for g in &plan.groups {
+        println!("{}  [{}]  {}", g.file_name, g.key, human(g.bytes_in()));
+        for t in &g.tensors {
+            let action = match &t.action {
+                TensorAction::Keep(r) => format!("keep ({r})"),
+                TensorAction::Cast(d) => format!("cast to {d}"),
+                TensorAction::Quantize(p) => format!("quantize int{} {:?}", p.bits, p.strategy),
+            };
+            println!(
+                "    {:<60} {:<5} {:<16} {}",
+                t.info.name,
+                t.info.dtype.to_string(),
+                format!("{:?}", t.info.shape),
+                action
+            );
+        }
+    }
+    if !ckpt.skipped_files.is_empty() {
+        println!("not carried over: {}", ckpt.skipped_files.join(", "));
+    }
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! One module per subcommand.
+
+pub mod compress;
+pub mod inspect;
+pub mod recipes;

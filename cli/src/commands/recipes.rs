@@ -1,0 +1,33 @@
+//! `shardpress recipes`: list the presets or print one as TOML.
+
+use anyhow::{bail, Result};
+use shardpress_engine::recipe::{preset, PRESETS};
+use shardpress_engine::Recipe;
+
+/// List the built-in recipes, or print one as TOML to start your own from.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Preset to print; without it, all presets are listed.
+    name: Option<String>,
+}
+
+/// Runs the command.
+pub fn run(args: Args) -> Result<()> {
+    match args.name {
+        Some(name) => {
+            let Some(text) = preset(&name) else {
+                let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+                bail!("no preset {name:?}; presets: {}", names.join(", "));
+            };
+            print!("{text}");
+        }
+        None => {
+            for (name, text) in PRESETS {
+                let recipe = Recipe::from_toml(text, name)?;
+                let desc = recipe.source.description.unwrap_or_default();
+                println!("{name:<8} {desc}");
+            }
+        }
+    }
+    Ok(())
+}

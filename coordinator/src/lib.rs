@@ -1,0 +1,1 @@
+//! Coordinator: job API, planner, task leasing and finalizer (the only database client).

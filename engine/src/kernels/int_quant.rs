@@ -1,0 +1,356 @@
+//! Integer weight quantization (2, 4 or 8 bits; symmetric or asymmetric; per tensor, per
+//! output channel or per group of columns) with packing into 32-bit words.
+//!
+//! Values are stored offset-binary (`q + 2^(bits-1)`) and packed LSB-first along each row,
+//! `32 / bits` values per little-endian word, the last word of a row zero-padded.
+
+use rayon::prelude::*;
+
+use crate::dtype::DType;
+use crate::kernels::convert::round_trip;
+use crate::metrics::ErrorStats;
+
+/// How quantization parameters are shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// One scale for the whole tensor.
+    Tensor,
+    /// One scale per output channel (row).
+    Channel,
+    /// One scale per `group_size` consecutive columns of each row.
+    Group(u64),
+}
+
+/// Integer quantization parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IntParams {
+    /// Bit width: 2, 4 or 8.
+    pub bits: u8,
+    /// Symmetric (no zero point) or asymmetric.
+    pub symmetric: bool,
+    /// Parameter sharing.
+    pub strategy: Strategy,
+    /// Type the scales are stored in; quantization uses the stored (rounded) scale.
+    pub scale_dtype: DType,
+}
+
+impl IntParams {
+    /// Values per 32-bit word.
+    pub fn pack_factor(&self) -> u64 {
+        32 / u64::from(self.bits)
+    }
+
+    /// Number of parameter groups per row (and rows of parameters) for a `rows × cols` matrix.
+    pub fn param_shape(&self, rows: u64, cols: u64) -> (u64, u64) {
+        match self.strategy {
+            Strategy::Tensor => (1, 1),
+            Strategy::Channel => (rows, 1),
+            Strategy::Group(g) => (rows, cols.div_ceil(g.max(1))),
+        }
+    }
+
+    /// Packed words per row.
+    pub fn words_per_row(&self, cols: u64) -> u64 {
+        cols.div_ceil(self.pack_factor())
+    }
+
+    fn qrange(&self) -> (i32, i32) {
+        let half = 1i32 << (self.bits - 1);
+        (-half, half - 1)
+    }
+}
+
+/// Why a tensor cannot be quantized.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum QuantError {
+    /// A weight is NaN or infinite.
+    #[error("non-finite weight {value} at row {row}, column {col}")]
+    NonFinite {
+        /// Row.
+        row: u64,
+        /// Column.
+        col: u64,
+        /// The value.
+        value: f32,
+    },
+    /// A scale does not fit the scale dtype.
+    #[error(
+        "scale {scale:e} of row {row}, group {group} is not representable in {dtype}; use scale_dtype = \"f32\""
+    )]
+    Scale {
+        /// Row.
+        row: u64,
+        /// Group.
+        group: u64,
+        /// Unrounded scale.
+        scale: f32,
+        /// Scale dtype.
+        dtype: DType,
+    },
+}
+
+/// A quantized matrix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IntQuantized {
+    /// `rows × words_per_row` packed words.
+    pub packed: Vec<u32>,
+    /// Scales as stored (already rounded to the scale dtype), `param_shape` row-major.
+    pub scales: Vec<f32>,
+    /// Zero points in the signed range, `param_shape` row-major (all 0 when symmetric).
+    pub zero_points: Vec<i8>,
+    /// Reconstruction error against the input.
+    pub stats: ErrorStats,
+}
+
+/// Quantizes a row-major `rows × cols` matrix.
+pub fn quantize(
+    w: &[f32],
+    rows: u64,
+    cols: u64,
+    p: &IntParams,
+) -> Result<IntQuantized, QuantError> {
+    let (rows_us, cols_us) = (rows as usize, cols as usize);
+    debug_assert_eq!(w.len(), rows_us * cols_us);
+    if let Some(i) = w.par_iter().position_first(|x| !x.is_finite()) {
+        return Err(QuantError::NonFinite {
+            row: (i / cols_us.max(1)) as u64,
+            col: (i % cols_us.max(1)) as u64,
+            value: w[i],
+        });
+    }
+    let (prow, pcols) = p.param_shape(rows, cols);
+    let group = match p.strategy {
+        Strategy::Group(g) => g as usize,
+        _ => cols_us.max(1),
+    };
+    let wpr = p.words_per_row(cols) as usize;
+    let mut packed = vec![0u32; rows_us * wpr];
+    let mut scales = vec![0f32; (prow * pcols) as usize];
+    let mut zero_points = vec![0i8; (prow * pcols) as usize];
+
+    let global = if p.strategy == Strategy::Tensor {
+        let (lo, hi) = w
+            .par_iter()
+            .fold(|| (0f32, 0f32), |(lo, hi), &x| (lo.min(x), hi.max(x)))
+            .reduce(|| (0f32, 0f32), |a, b| (a.0.min(b.0), a.1.max(b.1)));
+        let (s, z) = params_for(lo, hi, p).map_err(|scale| QuantError::Scale {
+            row: 0,
+            group: 0,
+            scale,
+            dtype: p.scale_dtype,
+        })?;
+        scales[0] = s;
+        zero_points[0] = z;
+        Some((s, z))
+    } else {
+        None
+    };
+
+    let row_results: Vec<Result<ErrorStats, QuantError>> = if let Some((s, z)) = global {
+        w.par_chunks(cols_us.max(1))
+            .zip(packed.par_chunks_mut(wpr.max(1)))
+            .map(|(row, out)| Ok(encode_row(row, out, &[s], &[z], cols_us.max(1), p)))
+            .collect()
+    } else {
+        w.par_chunks(cols_us.max(1))
+            .zip(packed.par_chunks_mut(wpr.max(1)))
+            .zip(scales.par_chunks_mut(pcols as usize))
+            .zip(zero_points.par_chunks_mut(pcols as usize))
+            .enumerate()
+            .map(|(r, (((row, out), sc), zp))| {
+                for (g, chunk) in row.chunks(group).enumerate() {
+                    let (lo, hi) = chunk
+                        .iter()
+                        .fold((0f32, 0f32), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+                    let (s, z) = params_for(lo, hi, p).map_err(|scale| QuantError::Scale {
+                        row: r as u64,
+                        group: g as u64,
+                        scale,
+                        dtype: p.scale_dtype,
+                    })?;
+                    sc[g] = s;
+                    zp[g] = z;
+                }
+                Ok(encode_row(row, out, sc, zp, group, p))
+            })
+            .collect()
+    };
+    let mut stats = ErrorStats::default();
+    for r in row_results {
+        stats.merge(&r?);
+    }
+    Ok(IntQuantized {
+        packed,
+        scales,
+        zero_points,
+        stats,
+    })
+}
+
+/// Scale and zero point for a group whose range (including 0) is `lo..=hi`; the scale is the
+/// value stored in the scale dtype. Err carries an unrepresentable scale.
+fn params_for(lo: f32, hi: f32, p: &IntParams) -> Result<(f32, i8), f32> {
+    let (qmin, qmax) = p.qrange();
+    if p.symmetric {
+        let absmax = lo.abs().max(hi.abs());
+        if absmax == 0.0 {
+            return Ok((1.0, 0));
+        }
+        let raw = absmax / qmax as f32;
+        let s = round_trip(p.scale_dtype, raw);
+        if !s.is_finite() || s == 0.0 {
+            return Err(raw);
+        }
+        Ok((s, 0))
+    } else {
+        let range = hi - lo;
+        if range == 0.0 {
+            return Ok((1.0, 0));
+        }
+        let raw = range / (qmax - qmin) as f32;
+        let s = round_trip(p.scale_dtype, raw);
+        if !s.is_finite() || s == 0.0 {
+            return Err(raw);
+        }
+        let z = (qmin as f32 - lo / s).round_ties_even();
+        let z = z.clamp(qmin as f32, qmax as f32) as i8;
+        Ok((s, z))
+    }
+}
+
+/// Quantizes one row into packed words; `scales`/`zps` hold one entry per group of `group`
+/// columns (a single entry covers the whole row).
+fn encode_row(
+    row: &[f32],
+    out: &mut [u32],
+    scales: &[f32],
+    zps: &[i8],
+    group: usize,
+    p: &IntParams,
+) -> ErrorStats {
+    let (qmin, qmax) = p.qrange();
+    let offset = 1i32 << (p.bits - 1);
+    let bits = u32::from(p.bits);
+    let pf = (32 / bits) as usize;
+    let mask = (1u32 << bits) - 1;
+    let mut stats = ErrorStats::default();
+    out.fill(0);
+    for (c, &x) in row.iter().enumerate() {
+        let g = if scales.len() == 1 { 0 } else { c / group };
+        let s = scales[g];
+        let z = i32::from(zps[g]);
+        let q = ((x / s).round_ties_even() as i32 + z).clamp(qmin, qmax);
+        let deq = (q - z) as f32 * s;
+        stats.add(x, deq);
+        let u = ((q + offset) as u32) & mask;
+        out[c / pf] |= u << ((c % pf) as u32 * bits);
+    }
+    stats
+}
+
+/// Packs signed zero points `[rows, cols]` offset-binary along the rows: word `(r / pf, c)`
+/// holds rows `r` of column `c` LSB-first. Result shape `[ceil(rows / pf), cols]`.
+pub fn pack_along_rows(values: &[i8], rows: u64, cols: u64, bits: u8) -> Vec<u32> {
+    let pf = (32 / u32::from(bits)) as u64;
+    let offset = 1i32 << (bits - 1);
+    let mask = (1u32 << bits) - 1;
+    let out_rows = rows.div_ceil(pf);
+    let mut out = vec![0u32; (out_rows * cols) as usize];
+    for r in 0..rows {
+        for c in 0..cols {
+            let v = ((i32::from(values[(r * cols + c) as usize]) + offset) as u32) & mask;
+            let shift = ((r % pf) as u32) * u32::from(bits);
+            out[((r / pf) * cols + c) as usize] |= v << shift;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unpack_row(words: &[u32], cols: usize, bits: u8) -> Vec<i32> {
+        let pf = 32 / bits as usize;
+        let offset = 1i32 << (bits - 1);
+        (0..cols)
+            .map(|c| {
+                ((words[c / pf] >> ((c % pf) as u32 * u32::from(bits))) & ((1 << bits) - 1)) as i32
+                    - offset
+            })
+            .collect()
+    }
+
+    fn params(bits: u8, symmetric: bool, strategy: Strategy) -> IntParams {
+        IntParams {
+            bits,
+            symmetric,
+            strategy,
+            scale_dtype: DType::F32,
+        }
+    }
+
+    #[test]
+    fn int8_channel_symmetric_exact_values() {
+        let w = [1.0f32, -0.5, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 1.0];
+        let q = quantize(&w, 2, 5, &params(8, true, Strategy::Channel)).expect("quant");
+        assert_eq!(q.scales, vec![1.0 / 127.0, 2.0 / 127.0]);
+        assert_eq!(q.packed.len(), 4);
+        assert_eq!(unpack_row(&q.packed[..2], 5, 8), vec![127, -64, 32, 0, 0]);
+        assert_eq!(unpack_row(&q.packed[2..], 5, 8), vec![0, 0, 0, 127, 64]);
+        // offset-binary: -64 + 128 = 64 at bits 8..16 of the first word.
+        assert_eq!((q.packed[0] >> 8) & 0xff, 64);
+    }
+
+    #[test]
+    fn all_zero_rows_get_finite_scale_and_exact_zeros() {
+        let w = [0.0f32; 8];
+        for sym in [true, false] {
+            let q = quantize(&w, 2, 4, &params(4, sym, Strategy::Group(3))).expect("quant");
+            assert!(q.scales.iter().all(|s| *s == 1.0));
+            assert_eq!(q.stats.sum_sq_err, 0.0);
+            assert_eq!(q.scales.len(), 4);
+        }
+    }
+
+    #[test]
+    fn ragged_groups_and_asymmetric_ranges() {
+        let w: Vec<f32> = (0..14).map(|i| i as f32 * 0.1 + 0.05).collect();
+        let p = params(4, false, Strategy::Group(4));
+        let q = quantize(&w, 2, 7, &p).expect("quant");
+        assert_eq!(q.scales.len(), 4);
+        assert!(q.stats.max_abs_err <= q.scales.iter().cloned().fold(0.0, f32::max) / 2.0 + 1e-6);
+        let zp = pack_along_rows(&q.zero_points, 2, 2, 4);
+        assert_eq!(zp.len(), 2);
+        assert_eq!((zp[0] & 0xf) as i32 - 8, i32::from(q.zero_points[0]));
+        assert_eq!(((zp[0] >> 4) & 0xf) as i32 - 8, i32::from(q.zero_points[2]));
+    }
+
+    #[test]
+    fn nan_is_reported_with_position() {
+        let w = [1.0f32, 2.0, 3.0, f32::NAN];
+        let e = quantize(&w, 2, 2, &params(8, true, Strategy::Channel)).expect_err("nan");
+        assert!(
+            matches!(e, QuantError::NonFinite { row: 1, col: 1, .. }),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn f16_scale_overflow_is_refused() {
+        let w = [1.0e9f32, 1.0];
+        let mut p = params(8, true, Strategy::Channel);
+        p.scale_dtype = DType::F16;
+        let e = quantize(&w, 1, 2, &p).expect_err("overflow");
+        assert!(matches!(e, QuantError::Scale { row: 0, .. }), "{e:?}");
+    }
+
+    #[test]
+    fn tensor_strategy_uses_one_scale() {
+        let w = [1.0f32, -4.0, 2.0, 0.5];
+        let q = quantize(&w, 2, 2, &params(8, true, Strategy::Tensor)).expect("quant");
+        assert_eq!(q.scales, vec![4.0 / 127.0]);
+        assert_eq!(unpack_row(&q.packed[..1], 2, 8), vec![32, -127]);
+    }
+}
