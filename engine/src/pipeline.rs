@@ -57,6 +57,9 @@ pub enum CompressError {
         #[source]
         source: WriteError,
     },
+    /// The work was cancelled.
+    #[error("cancelled")]
+    Cancelled,
     /// The output location cannot be used.
     #[error("{path}: {problem}")]
     Output {
@@ -68,29 +71,43 @@ pub enum CompressError {
 }
 
 /// One input tensor with its decided action.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PlannedTensor {
-    /// Index of the input shard holding it.
-    pub shard: usize,
+    /// Index into the task's `inputs`.
+    pub input: usize,
     /// Its header entry.
     pub info: TensorInfo,
     /// What happens to it.
     pub action: TensorAction,
 }
 
-/// One unit of work: a layer group written as one output shard.
-#[derive(Debug, Clone)]
-pub struct GroupPlan {
+/// An input file a task reads from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TaskInput {
+    /// File name relative to the checkpoint root.
+    pub file: String,
+    /// Absolute offset of its data section.
+    pub data_start: u64,
+    /// File length, as seen at planning.
+    pub len: u64,
+}
+
+/// One unit of work: a layer group written as one output shard. Self-contained, so a worker
+/// needs nothing else to run it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TaskSpec {
     /// Group key (`encoder.layer.3`, `embeddings`, …).
     pub key: String,
     /// Output file name.
     pub file_name: String,
+    /// Input files the tensors live in.
+    pub inputs: Vec<TaskInput>,
     /// Tensors in output order.
     pub tensors: Vec<PlannedTensor>,
 }
 
-impl GroupPlan {
-    /// Input bytes this group reads.
+impl TaskSpec {
+    /// Input bytes this task reads.
     pub fn bytes_in(&self) -> u64 {
         self.tensors.iter().map(|t| t.info.byte_len()).sum()
     }
@@ -99,14 +116,14 @@ impl GroupPlan {
 /// A planned job.
 #[derive(Debug, Clone)]
 pub struct JobPlan {
-    /// Groups in output order.
-    pub groups: Vec<GroupPlan>,
+    /// Tasks in output order.
+    pub tasks: Vec<TaskSpec>,
 }
 
 impl JobPlan {
-    /// Input tensor bytes over all groups.
+    /// Input tensor bytes over all tasks.
     pub fn bytes_in(&self) -> u64 {
-        self.groups.iter().map(GroupPlan::bytes_in).sum()
+        self.tasks.iter().map(TaskSpec::bytes_in).sum()
     }
 }
 
@@ -114,49 +131,55 @@ impl JobPlan {
 pub fn plan_job(ckpt: &Checkpoint, recipe: &Recipe) -> Result<JobPlan, CompressError> {
     let groups = group_tensors(ckpt.tensors.keys().map(String::as_str));
     let n = groups.len();
-    let mut out = Vec::with_capacity(n);
+    let mut tasks = Vec::with_capacity(n);
     for (i, g) in groups.into_iter().enumerate() {
+        let mut inputs: Vec<TaskInput> = Vec::new();
         let mut tensors = Vec::with_capacity(g.tensors.len());
         for name in &g.tensors {
-            let (Some(loc), Some((_, info))) = (ckpt.tensors.get(name), ckpt.info(name)) else {
+            let Some((shard, info)) = ckpt.info(name) else {
                 continue;
             };
-            let action = recipe.resolve(info);
-            if let TensorAction::Quantize(p) = action {
-                let (rows, cols) = info.rows_cols();
-                if let Strategy::Group(gs) = p.strategy {
-                    if gs > cols {
-                        tracing::debug!(tensor = %name, gs, cols, "group larger than row");
-                    }
+            let input = match inputs.iter().position(|f| f.file == shard.file_name) {
+                Some(i) => i,
+                None => {
+                    inputs.push(TaskInput {
+                        file: shard.file_name.clone(),
+                        data_start: shard.header.data_start(),
+                        len: shard.source.len(),
+                    });
+                    inputs.len() - 1
                 }
-                if rows == 0 || cols == 0 {
-                    continue;
-                }
-            }
+            };
             tensors.push(PlannedTensor {
-                shard: loc.shard,
+                input,
                 info: info.clone(),
-                action,
+                action: recipe.resolve(info),
             });
         }
-        out.push(GroupPlan {
+        tasks.push(TaskSpec {
             key: g.key,
             file_name: shard_file_name(i + 1, n),
+            inputs,
             tensors,
         });
     }
-    Ok(JobPlan { groups: out })
+    Ok(JobPlan { tasks })
 }
 
 /// Reads the input bytes of one tensor.
 fn read_tensor(
     sources: &[Arc<dyn ByteSource>],
-    data_starts: &[u64],
+    task: &TaskSpec,
     t: &PlannedTensor,
 ) -> Result<Vec<u8>, CompressError> {
-    let src = &sources[t.shard];
-    let start = data_starts[t.shard] + t.info.start;
-    let end = data_starts[t.shard] + t.info.end;
+    let (Some(src), Some(input)) = (sources.get(t.input), task.inputs.get(t.input)) else {
+        return Err(CompressError::Transform(TransformError {
+            tensor: t.info.name.clone(),
+            problem: format!("task names input #{} but has {}", t.input, task.inputs.len()),
+        }));
+    };
+    let start = input.data_start + t.info.start;
+    let end = input.data_start + t.info.end;
     let mut buf = vec![0u8; t.info.byte_len() as usize];
     src.read_exact_at(start, &mut buf)
         .map_err(|source| CompressError::Read {
@@ -169,10 +192,15 @@ fn read_tensor(
     Ok(buf)
 }
 
-/// Called as tensors finish, for progress display.
+/// Called as tensors finish, for progress display and cancellation.
 pub trait Progress: Sync {
     /// `bytes` more input bytes are done.
     fn advance(&self, bytes: u64);
+
+    /// Whether the work should stop before the next tensor.
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// A progress sink that ignores updates.
@@ -202,15 +230,15 @@ fn describe(action: &TensorAction) -> (&'static str, String) {
     }
 }
 
-/// Transforms one group and writes it as a safetensors file to `sink`. Returns the per-tensor
-/// report rows and the file length.
-pub fn run_group<W: Write>(
+/// Runs one task and writes its output shard to `sink`. `sources[i]` reads `task.inputs[i]`.
+/// Returns the per-tensor report rows and the file length.
+pub fn run_task<W: Write>(
+    task: &TaskSpec,
     sources: &[Arc<dyn ByteSource>],
-    data_starts: &[u64],
-    group: &GroupPlan,
     sink: W,
     progress: &dyn Progress,
-) -> Result<(Vec<TensorReport>, u64), CompressError> {
+) -> Result<TaskOutput, CompressError> {
+    let group = task;
     let wrap = |source: WriteError| CompressError::Write {
         file: group.file_name.clone(),
         source,
@@ -224,7 +252,10 @@ pub fn run_group<W: Write>(
     let mut writer = ShardWriter::new(sink, specs, &metadata).map_err(wrap)?;
     let mut rows = Vec::with_capacity(group.tensors.len());
     for t in &group.tensors {
-        let bytes = read_tensor(sources, data_starts, t)?;
+        if progress.cancelled() {
+            return Err(CompressError::Cancelled);
+        }
+        let bytes = read_tensor(sources, task, t)?;
         let encoded = transform(&t.info, &t.action, &bytes)?;
         drop(bytes);
         let mut bytes_out = 0;
@@ -250,25 +281,71 @@ pub fn run_group<W: Write>(
         progress.advance(t.info.byte_len());
     }
     let (_, len) = writer.finish().map_err(wrap)?;
-    Ok((rows, len))
+    Ok(TaskOutput {
+        tensors: rows,
+        file_bytes: len,
+    })
 }
 
-/// Builds the index JSON, the rewritten config and the report once every group is written.
+/// What a finished task produced.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TaskOutput {
+    /// Report rows of its tensors.
+    pub tensors: Vec<TensorReport>,
+    /// Length of the output shard.
+    pub file_bytes: u64,
+}
+
+/// What the finalizer needs besides the task outputs.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct JobFiles {
+    /// Parsed `config.json` of the input, when present.
+    pub config: Option<Value>,
+    /// Files copied unchanged.
+    pub other_files: Vec<String>,
+    /// Files left out.
+    pub skipped_files: Vec<String>,
+}
+
+impl JobFiles {
+    /// The files of a checkpoint.
+    pub fn of(ckpt: &Checkpoint) -> Self {
+        Self {
+            config: ckpt.config.clone(),
+            other_files: ckpt.other_files.clone(),
+            skipped_files: ckpt.skipped_files.clone(),
+        }
+    }
+}
+
+/// The metadata files of a finished job.
+#[derive(Debug, Clone)]
+pub struct Finalized {
+    /// `model.safetensors.index.json`.
+    pub index: Value,
+    /// Rewritten `config.json`, when the input had one.
+    pub config: Option<Value>,
+    /// `report.json`.
+    pub report: Report,
+}
+
+/// Builds the index JSON, the rewritten config and the report once every task is done.
+/// `outputs[i]` belongs to `tasks[i]`.
 pub fn finalize_metadata(
-    ckpt: &Checkpoint,
     recipe: &Recipe,
-    plan: &JobPlan,
-    results: Vec<(Vec<TensorReport>, u64)>,
-) -> (Value, Option<Value>, Report) {
-    let mut weight_map = serde_json::Map::new();
+    tasks: &[TaskSpec],
+    outputs: Vec<TaskOutput>,
+    files: &JobFiles,
+) -> Finalized {
+    let mut weight_map: Vec<(String, Value)> = Vec::new();
     let mut total_size = 0u64;
-    let mut shards = Vec::with_capacity(plan.groups.len());
+    let mut shards = Vec::with_capacity(tasks.len());
     let mut tensors = Vec::new();
-    for (g, (rows, len)) in plan.groups.iter().zip(results) {
+    for (g, out) in tasks.iter().zip(outputs) {
         let mut count = 0;
-        for r in &rows {
+        for r in &out.tensors {
             for o in &r.outputs {
-                weight_map.insert(o.clone(), json!(g.file_name));
+                weight_map.push((o.clone(), json!(g.file_name)));
                 count += 1;
             }
             total_size += r.bytes_out;
@@ -277,25 +354,20 @@ pub fn finalize_metadata(
             file: g.file_name.clone(),
             group: g.key.clone(),
             tensors: count,
-            file_bytes: len,
+            file_bytes: out.file_bytes,
         });
-        tensors.extend(rows);
+        tensors.extend(out.tensors);
     }
-    let mut sorted: Vec<(String, Value)> = weight_map.into_iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    weight_map.sort_by(|a, b| a.0.cmp(&b.0));
     let index = json!({
         "metadata": { "total_size": total_size },
-        "weight_map": sorted.into_iter().collect::<serde_json::Map<_, _>>(),
+        "weight_map": weight_map.into_iter().collect::<serde_json::Map<_, _>>(),
     });
-    let actions: Vec<(&TensorInfo, TensorAction)> = plan
-        .groups
+    let actions: Vec<(&TensorInfo, TensorAction)> = tasks
         .iter()
         .flat_map(|g| g.tensors.iter().map(|t| (&t.info, t.action)))
         .collect();
-    let config = ckpt
-        .config
-        .as_ref()
-        .map(|c| hf_config::rewrite(c, &actions));
+    let config = files.config.as_ref().map(|c| hf_config::rewrite(c, &actions));
     let mut report = Report {
         report_version: REPORT_VERSION,
         shardpress_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -304,11 +376,15 @@ pub fn finalize_metadata(
         totals: Default::default(),
         shards,
         tensors,
-        copied_files: ckpt.other_files.clone(),
-        skipped_files: ckpt.skipped_files.clone(),
+        copied_files: files.other_files.clone(),
+        skipped_files: files.skipped_files.clone(),
     };
     report.compute_totals();
-    (index, config, report)
+    Finalized {
+        index,
+        config,
+        report,
+    }
 }
 
 /// Options of a local run.
@@ -417,23 +493,31 @@ fn write_all(
     staging: &Path,
     progress: &dyn Progress,
 ) -> Result<Report, CompressError> {
-    let sources: Vec<Arc<dyn ByteSource>> = ckpt.shards.iter().map(|s| s.source.clone()).collect();
-    let starts: Vec<u64> = ckpt.shards.iter().map(|s| s.header.data_start()).collect();
-    let results: Vec<Result<(Vec<TensorReport>, u64), CompressError>> = plan
-        .groups
+    let by_file: BTreeMap<&str, Arc<dyn ByteSource>> = ckpt
+        .shards
+        .iter()
+        .map(|s| (s.file_name.as_str(), s.source.clone()))
+        .collect();
+    let results: Vec<Result<TaskOutput, CompressError>> = plan
+        .tasks
         .par_iter()
         .with_max_len(1)
-        .map(|g| {
-            let path = staging.join(&g.file_name);
+        .map(|task| {
+            let sources: Vec<Arc<dyn ByteSource>> = task
+                .inputs
+                .iter()
+                .filter_map(|i| by_file.get(i.file.as_str()).cloned())
+                .collect();
+            let path = staging.join(&task.file_name);
             let file = fs::File::create(&path).map_err(io_out(&path))?;
-            let (rows, len) = run_group(&sources, &starts, g, BufWriter::new(file), progress)?;
-            Ok((rows, len))
+            run_task(task, &sources, BufWriter::new(file), progress)
         })
         .collect();
-    let results = results.into_iter().collect::<Result<Vec<_>, _>>()?;
-    let (index, config, report) = finalize_metadata(ckpt, recipe, plan, results);
+    let outputs = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let files = JobFiles::of(ckpt);
+    let fin = finalize_metadata(recipe, &plan.tasks, outputs, &files);
     for rel in &ckpt.other_files {
-        if rel == "config.json" && config.is_some() {
+        if rel == "config.json" && fin.config.is_some() {
             continue;
         }
         let from = Path::new(&ckpt.root).join(rel);
@@ -443,12 +527,12 @@ fn write_all(
         }
         fs::copy(&from, &to).map_err(io_out(&from))?;
     }
-    write_file(&staging.join(INDEX_FILE), &json_bytes(&index))?;
-    if let Some(c) = &config {
+    write_file(&staging.join(INDEX_FILE), &json_bytes(&fin.index))?;
+    if let Some(c) = &fin.config {
         write_file(&staging.join("config.json"), &json_bytes(c))?;
     }
-    write_file(&staging.join("report.json"), &json_bytes(&report))?;
-    Ok(report)
+    write_file(&staging.join("report.json"), &json_bytes(&fin.report))?;
+    Ok(fin.report)
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), CompressError> {

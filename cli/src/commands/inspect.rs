@@ -31,10 +31,10 @@ pub fn run(args: Args) -> Result<()> {
         ckpt.shards.len(),
         ckpt.tensors.len(),
         human(ckpt.tensor_bytes()),
-        plan.groups.len(),
+        plan.tasks.len(),
         recipe.name
     );
-    for g in &plan.groups {
+    for g in &plan.tasks {
         println!("{}  [{}]  {}", g.file_name, g.key, human(g.bytes_in()));
         for t in &g.tensors {
             let action = match &t.action {

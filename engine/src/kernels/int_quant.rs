@@ -11,7 +11,7 @@ use crate::kernels::convert::round_trip;
 use crate::metrics::ErrorStats;
 
 /// How quantization parameters are shared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
     /// One scale for the whole tensor.
@@ -23,7 +23,7 @@ pub enum Strategy {
 }
 
 /// Integer quantization parameters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct IntParams {
     /// Bit width: 2, 4 or 8.
     pub bits: u8,

@@ -155,7 +155,7 @@ pub struct Recipe {
 }
 
 /// Why a tensor is copied unchanged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KeepReason {
     /// Its dtype is not a float type the engine transforms.
@@ -189,7 +189,8 @@ impl fmt::Display for KeepReason {
 }
 
 /// What happens to one tensor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TensorAction {
     /// Bytes copied unchanged.
     Keep(KeepReason),

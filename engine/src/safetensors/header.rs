@@ -132,7 +132,7 @@ pub enum HeaderError {
 }
 
 /// One tensor's entry in a header, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TensorInfo {
     /// Tensor name.
     pub name: String,
