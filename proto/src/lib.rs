@@ -8,5 +8,8 @@ pub mod v1 {
     tonic::include_proto!("shardpress.v1");
 
     /// Encoded descriptors, for gRPC server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("shardpress_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("shardpress_descriptor");
 }
+
+pub mod recipe;
