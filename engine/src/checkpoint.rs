@@ -204,13 +204,15 @@ impl Checkpoint {
                         ),
                     })
                 }
-                many => return Err(CheckpointError::Layout {
-                    path: root.to_string(),
-                    problem: format!(
+                many => {
+                    return Err(CheckpointError::Layout {
+                        path: root.to_string(),
+                        problem: format!(
                         "{} .safetensors files but no {INDEX_FILE} to say how they fit together",
                         many.len()
                     ),
-                }),
+                    })
+                }
             }
         };
 
@@ -239,7 +241,7 @@ impl Checkpoint {
                     },
                 ) {
                     return Err(CheckpointError::Layout {
-                        path: root.to_string(),
+                        path: joined(&shard.file_name),
                         problem: format!(
                             "tensor {:?} appears in both {} and {}",
                             t.name, shards[prev.shard].file_name, shard.file_name

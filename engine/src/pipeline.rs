@@ -31,8 +31,14 @@ pub enum CompressError {
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     /// A tensor could not be transformed.
-    #[error(transparent)]
-    Transform(#[from] TransformError),
+    #[error("{file}: {source}")]
+    Transform {
+        /// Input file holding the tensor.
+        file: String,
+        /// The error.
+        #[source]
+        source: TransformError,
+    },
     /// Reading input bytes failed.
     #[error("{file}: reading tensor {tensor:?} (bytes {start}..{end}): {source}")]
     Read {
@@ -173,10 +179,17 @@ fn read_tensor(
     t: &PlannedTensor,
 ) -> Result<Vec<u8>, CompressError> {
     let (Some(src), Some(input)) = (sources.get(t.input), task.inputs.get(t.input)) else {
-        return Err(CompressError::Transform(TransformError {
-            tensor: t.info.name.clone(),
-            problem: format!("task names input #{} but has {}", t.input, task.inputs.len()),
-        }));
+        return Err(CompressError::Transform {
+            file: task.file_name.clone(),
+            source: TransformError {
+                tensor: t.info.name.clone(),
+                problem: format!(
+                    "task names input #{} but has {}",
+                    t.input,
+                    task.inputs.len()
+                ),
+            },
+        });
     };
     let start = input.data_start + t.info.start;
     let end = input.data_start + t.info.end;
@@ -256,7 +269,12 @@ pub fn run_task<W: Write>(
             return Err(CompressError::Cancelled);
         }
         let bytes = read_tensor(sources, task, t)?;
-        let encoded = transform(&t.info, &t.action, &bytes)?;
+        let encoded =
+            transform(&t.info, &t.action, &bytes).map_err(|source| CompressError::Transform {
+                // read_tensor succeeded, so the source exists.
+                file: sources[t.input].name().to_string(),
+                source,
+            })?;
         drop(bytes);
         let mut bytes_out = 0;
         let mut outputs = Vec::with_capacity(encoded.tensors.len());
@@ -367,7 +385,10 @@ pub fn finalize_metadata(
         .iter()
         .flat_map(|g| g.tensors.iter().map(|t| (&t.info, t.action)))
         .collect();
-    let config = files.config.as_ref().map(|c| hf_config::rewrite(c, &actions));
+    let config = files
+        .config
+        .as_ref()
+        .map(|c| hf_config::rewrite(c, &actions));
     let mut report = Report {
         report_version: REPORT_VERSION,
         shardpress_version: env!("CARGO_PKG_VERSION").to_string(),

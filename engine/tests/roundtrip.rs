@@ -8,6 +8,10 @@
 //!     scale step of the input, maps zeros to exact zeros, and gives the same result on one or
 //!     two threads.
 
+// clippy.toml allows expect() inside #[test] functions only; the helpers here fail the
+// test the same way.
+#![allow(clippy::expect_used)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
 
@@ -74,12 +78,14 @@ fn byte_len(dtype: DType, shape: &[u64]) -> usize {
 
 /// Tensor type and shape with random bytes of exactly the right length.
 fn body_strategy() -> impl Strategy<Value = (DType, Vec<u64>, Vec<u8>)> {
-    (proptest::sample::select(BYTE_DTYPES.to_vec()), shape_strategy()).prop_flat_map(
-        |(dtype, shape)| {
+    (
+        proptest::sample::select(BYTE_DTYPES.to_vec()),
+        shape_strategy(),
+    )
+        .prop_flat_map(|(dtype, shape)| {
             let len = byte_len(dtype, &shape);
             vec(any::<u8>(), len).prop_map(move |data| (dtype, shape.clone(), data))
-        },
-    )
+        })
 }
 
 /// Up to 8 tensors with distinct names, in random order.
@@ -131,8 +137,18 @@ fn assert_tiles(h: &ShardHeader, file_len: u64) -> Result<(), TestCaseError> {
         .ok_or_else(|| TestCaseError::fail("data start past the end"))?;
     let mut pos = 0u64;
     for t in &h.tensors {
-        prop_assert_eq!(Some(t.byte_len()), t.dtype.byte_size(t.numel()), "{}", t.name);
-        prop_assert_eq!(t.start, pos, "tensor {:?} does not start where the last ended", t.name);
+        prop_assert_eq!(
+            Some(t.byte_len()),
+            t.dtype.byte_size(t.numel()),
+            "{}",
+            t.name
+        );
+        prop_assert_eq!(
+            t.start,
+            pos,
+            "tensor {:?} does not start where the last ended",
+            t.name
+        );
         pos = t.end;
     }
     prop_assert_eq!(pos, data_len);
@@ -392,7 +408,11 @@ fn unpack_row(packed: &[u32], r: usize, cols: usize, bits: u8) -> (Vec<i32>, u32
         })
         .collect();
     let used = (cols - (words - 1) * per_word) * usize::from(bits);
-    let padding = if used >= 32 { 0 } else { row[words - 1] >> used };
+    let padding = if used >= 32 {
+        0
+    } else {
+        row[words - 1] >> used
+    };
     (values, padding)
 }
 
@@ -477,7 +497,12 @@ fn check_quantized(
         if p.symmetric {
             prop_assert_eq!(*z, 0, "symmetric zero point {}", i);
         }
-        prop_assert!((qmin..=qmax).contains(&i32::from(*z)), "zero point {} = {}", i, z);
+        prop_assert!(
+            (qmin..=qmax).contains(&i32::from(*z)),
+            "zero point {} = {}",
+            i,
+            z
+        );
     }
     for r in 0..rows as usize {
         let (values, padding) = unpack_row(&q.packed, r, cols as usize, p.bits);
@@ -501,7 +526,13 @@ fn check_quantized(
                 prop_assert!(
                     err <= s / 2.0 + eps,
                     "({}, {}): {} decoded to {} (scale {}, zero {}, error {})",
-                    r, c, x, deq, s, z, err
+                    r,
+                    c,
+                    x,
+                    deq,
+                    s,
+                    z,
+                    err
                 );
             } else {
                 // Outside the representable range the value clamps to the nearer end.
@@ -509,7 +540,12 @@ fn check_quantized(
                 prop_assert!(
                     (deq - bound).abs() <= eps,
                     "({}, {}): {} outside [{}, {}] decoded to {}",
-                    r, c, x, lo, hi, deq
+                    r,
+                    c,
+                    x,
+                    lo,
+                    hi,
+                    deq
                 );
             }
         }

@@ -97,6 +97,17 @@ class Checker:
         return ok
 
 
+def load_json(path: Path) -> dict:
+    """Reads a JSON object from `path`; anything else is fatal."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise Fatal(f"{path}: cannot read JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise Fatal(f"{path}: expected a JSON object")
+    return value
+
+
 # ---------------------------------------------------------------------------
 # safetensors reading
 
@@ -197,7 +208,7 @@ def load_input(path: Path) -> Checkpoint:
         raise Fatal(f"input {path} is neither a directory nor a file")
     index = path / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = load_json(index).get("weight_map") or {}
         weight_files = set(weight_map.values())
     else:
         weight_files = {p.name for p in path.glob("*.safetensors")}
@@ -269,9 +280,13 @@ def cast_mismatch(t: Tensor, out: Tensor, target: str) -> str | None:
     if bad.size == 0:
         return None
     i = int(bad[0])
+    value = float(float_values(t).reshape(-1)[i])
+    size = DTYPES[t.dtype][1]
+    source_bits = int.from_bytes(t.raw[i * size:(i + 1) * size], "little")
     return (f"{bad.size} of {got_bits.size} elements differ from the round-to-nearest-even "
-            f"cast; first at flat index {i}: input {float(float_values(t).reshape(-1)[i])!r}, "
-            f"expected bits 0x{int(want_bits[i]):04x}, got 0x{int(got_bits[i]):04x}")
+            f"cast; first at flat index {i}: input {value!r} ({t.dtype} bits "
+            f"0x{source_bits:0{2 * size}x}), expected {target} bits 0x{int(want_bits[i]):04x}, "
+            f"got 0x{int(got_bits[i]):04x}")
 
 
 def error_stats(reference: np.ndarray, approx: np.ndarray) -> dict[str, float]:
@@ -364,7 +379,7 @@ def verify(input_path: Path, output: Path, recipe_name: str) -> tuple[dict, list
     # Index.
     index_path = output / INDEX_NAME
     if c.check(index_path.is_file(), f"{INDEX_NAME} is missing"):
-        index = json.loads(index_path.read_text())
+        index = load_json(index_path)
         weight_map = index.get("weight_map")
         if c.check(isinstance(weight_map, dict), f"{INDEX_NAME}: weight_map is not an object"):
             missing = sorted(set(out_tensors) - set(weight_map))
@@ -406,7 +421,6 @@ def verify(input_path: Path, output: Path, recipe_name: str) -> tuple[dict, list
     expected_actions: dict[str, str] = {}
 
     if recipe["kind"] == "quantize":
-        bits = recipe["bits"]
         expected_q = sorted(n for n, t in source.tensors.items() if should_quantize(n, t))
         c.check(sorted(quantized) == expected_q,
                 "quantized tensors differ from the recipe: not quantized "
@@ -549,8 +563,8 @@ def check_config(c: Checker, source: Checkpoint, output: Path, recipe_name: str,
     config_path = output / "config.json"
     if not c.check(config_path.is_file(), "config.json is missing from the output"):
         return None
-    before = json.loads((source.root / "config.json").read_text())
-    after = json.loads(config_path.read_text())
+    before = load_json(source.root / "config.json")
+    after = load_json(config_path)
     changed = {"quantization_config", "torch_dtype"}
     for key in sorted(set(before) - changed):
         c.check(after.get(key) == before[key],
@@ -608,7 +622,7 @@ def check_config(c: Checker, source: Checkpoint, output: Path, recipe_name: str,
 def check_files(c: Checker, source: Checkpoint, output: Path, out_files: set[str],
                 shard_names: list[str]) -> tuple[set[str], set[str]]:
     report_path = output / "report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report = load_json(report_path) if report_path.is_file() else {}
     listed_copied = report.get("copied_files", [])
     listed_skipped = report.get("skipped_files", [])
     for key, listed in (("copied_files", listed_copied), ("skipped_files", listed_skipped)):
@@ -652,7 +666,7 @@ def check_report(c: Checker, output: Path, recipe_name: str, source: Checkpoint,
     path = output / "report.json"
     if not path.is_file():
         return None
-    report = json.loads(path.read_text())
+    report = load_json(path)
     c.check(report.get("report_version") == 1,
             f"report.json: report_version is {report.get('report_version')!r}, expected 1")
     c.check(report.get("recipe_name") == recipe_name,

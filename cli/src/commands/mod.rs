@@ -1,5 +1,12 @@
 //! One module per subcommand.
 
+pub mod cancel;
 pub mod compress;
+pub mod coordinator;
 pub mod inspect;
+pub mod list;
 pub mod recipes;
+pub mod status;
+pub mod submit;
+pub mod watch;
+pub mod worker;

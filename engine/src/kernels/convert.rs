@@ -58,8 +58,8 @@ pub fn encode_one(dtype: DType, x: f32, out: &mut Vec<u8>) {
 /// Casts raw elements of `src` to `dst` (bf16, f16 or f32), writing into `out` and the
 /// decoded value of each written element into `back`, for error metrics.
 ///
-/// Rounding is to nearest even, computed directly from the source value so f64 inputs are not
-/// rounded twice.
+/// Rounding is to nearest even. f64 inputs are first narrowed to f32 with round-to-odd, which
+/// keeps the final rounding correct (f32 carries more than two extra bits over bf16 and f16).
 pub fn cast_bytes(src: DType, dst: DType, bytes: &[u8], out: &mut [u8], back: &mut [f32]) {
     let width = (dst.bits() / 8) as usize;
     let src_width = (src.bits() / 8) as usize;
@@ -68,40 +68,53 @@ pub fn cast_bytes(src: DType, dst: DType, bytes: &[u8], out: &mut [u8], back: &m
         .zip(bytes.chunks_exact(src_width))
         .zip(back.iter_mut())
     {
-        let v = read_f64(src, b);
+        let v = read_f32(src, b);
         match dst {
             DType::BF16 => {
-                let h = bf16::from_f64(v);
+                let h = bf16::from_f32(v);
                 o.copy_from_slice(&h.to_bits().to_le_bytes());
                 *r = h.to_f32();
             }
             DType::F16 => {
-                let h = f16::from_f64(v);
+                let h = f16::from_f32(v);
                 o.copy_from_slice(&h.to_bits().to_le_bytes());
                 *r = h.to_f32();
             }
             _ => {
-                let h = v as f32;
-                o.copy_from_slice(&h.to_le_bytes());
-                *r = h;
+                o.copy_from_slice(&v.to_le_bytes());
+                *r = v;
             }
         }
     }
 }
 
-fn read_f64(dtype: DType, b: &[u8]) -> f64 {
+/// Narrows f64 to f32 rounding to odd: truncate toward zero, then set the last mantissa bit
+/// when the result is inexact.
+fn f64_to_f32_round_odd(x: f64) -> f32 {
+    let f = x as f32;
+    if !x.is_finite() || f64::from(f) == x || f.is_infinite() {
+        return f;
+    }
+    // `f` is the nearest f32; step toward zero if it lies beyond `x`.
+    let truncated = if f64::from(f).abs() > x.abs() {
+        f32::from_bits(f.to_bits() - 1)
+    } else {
+        f
+    };
+    f32::from_bits(truncated.to_bits() | 1)
+}
+
+fn read_f32(dtype: DType, b: &[u8]) -> f32 {
     match dtype {
-        DType::BF16 => f64::from(f32::from_bits(
-            u32::from(u16::from_le_bytes([b[0], b[1]])) << 16,
-        )),
-        DType::F16 => f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f64(),
-        DType::F32 => f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        DType::BF16 => f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16),
+        DType::F16 => f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
+        DType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
         DType::F64 => {
             let mut a = [0u8; 8];
             a.copy_from_slice(b);
-            f64::from_le_bytes(a)
+            f64_to_f32_round_odd(f64::from_le_bytes(a))
         }
-        _ => f64::NAN,
+        _ => f32::NAN,
     }
 }
 
@@ -121,6 +134,23 @@ mod tests {
         for (o, v) in out.iter().zip(vals) {
             assert_eq!(*o, bf16::from_f32(v).to_f32());
         }
+    }
+
+    #[test]
+    fn cast_rounds_up_past_halfway_from_low_bits() {
+        // 0x3ca48007: the low half is above the tie, so bf16 rounds up to 0x3ca5.
+        let bytes = f32::from_bits(0x3ca4_8007).to_le_bytes();
+        let mut out = [0u8; 2];
+        let mut back = [0f32; 1];
+        cast_bytes(DType::F32, DType::BF16, &bytes, &mut out, &mut back);
+        assert_eq!(u16::from_le_bytes(out), 0x3ca5);
+        // From f64 just above the halfway point between two bf16 values.
+        let x = 1.0f64 + 2f64.powi(-8) + 2f64.powi(-40);
+        cast_bytes(DType::F64, DType::BF16, &x.to_le_bytes(), &mut out, &mut back);
+        assert_eq!(u16::from_le_bytes(out), 0x3f81);
+        let tie = 1.0f64 + 2f64.powi(-8);
+        cast_bytes(DType::F64, DType::BF16, &tie.to_le_bytes(), &mut out, &mut back);
+        assert_eq!(u16::from_le_bytes(out), 0x3f80);
     }
 
     #[test]

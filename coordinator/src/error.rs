@@ -1,0 +1,61 @@
+//! Errors of the coordinator's API, mapped onto gRPC codes.
+
+use tonic::Status;
+
+/// An API error.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed; nothing was stored.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such job.
+    #[error("{0}")]
+    NotFound(String),
+    /// The caller's lease or the job's state does not allow this.
+    #[error("{0}")]
+    Precondition(String),
+    /// A dependency (database, object store) is unavailable; retry.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or unexpected failure.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        match e {
+            ApiError::Invalid(m) => Status::invalid_argument(m),
+            ApiError::NotFound(m) => Status::not_found(m),
+            ApiError::Precondition(m) => Status::failed_precondition(m),
+            ApiError::Unavailable(m) => Status::unavailable(m),
+            ApiError::Internal(m) => Status::internal(m),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                ApiError::Unavailable(format!("database unavailable: {e}"))
+            }
+            _ => ApiError::Internal(format!("database error: {e}")),
+        }
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        match e.downcast::<sqlx::Error>() {
+            Ok(s) => s.into(),
+            Err(e) => ApiError::Internal(format!("{e:#}")),
+        }
+    }
+}
+
+/// Parses a UUID field.
+pub fn parse_id(field: &str, value: &str) -> Result<uuid::Uuid, ApiError> {
+    uuid::Uuid::parse_str(value)
+        .map_err(|_| ApiError::Invalid(format!("{field} {value:?} is not a UUID")))
+}

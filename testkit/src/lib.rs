@@ -1,0 +1,39 @@
+//! Real services for Shardpress tests: a throwaway PostgreSQL cluster ([`PgCluster`]) and an
+//! S3-compatible server ([`S3Server`], the `s3s-fs` binary installed by
+//! `scripts/s3-server.sh`).
+//!
+//! Both start synchronously, listen on 127.0.0.1 only, keep all their files in a temporary
+//! directory, and stop when dropped. Helpers that talk S3 are async, for `#[tokio::test]`
+//! (use `flavor = "multi_thread"` when the code under test blocks on the runtime, as the
+//! storage crate's synchronous adapters do). Setup failures panic with a message saying
+//! what to fix: this crate is only for tests.
+
+mod pg;
+mod s3;
+
+pub use pg::PgCluster;
+pub use s3::{S3Server, ACCESS_KEY, REGION, SECRET_KEY};
+
+use std::net::TcpListener;
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind(("127.0.0.1", 0))
+        .unwrap_or_else(|e| panic!("cannot bind a loopback port to find a free one: {e}"));
+    match listener.local_addr() {
+        Ok(addr) => addr.port(),
+        Err(e) => panic!("cannot read the address of a loopback listener: {e}"),
+    }
+}
+
+/// The cache root shared with the scripts: `$SHARDPRESS_CACHE`, else
+/// `$HOME/.cache/shardpress`.
+fn cache_dir() -> std::path::PathBuf {
+    match std::env::var_os("SHARDPRESS_CACHE") {
+        Some(dir) if !dir.is_empty() => dir.into(),
+        _ => {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+            std::path::Path::new(&home).join(".cache/shardpress")
+        }
+    }
+}
