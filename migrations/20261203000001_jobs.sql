@@ -11,8 +11,9 @@ CREATE TABLE jobs (
     -- The recipe as given (engine RecipeFile), so finalizing does not depend on presets.
     recipe           jsonb NOT NULL,
     labels           jsonb NOT NULL DEFAULT '{}',
-    -- config.json, files to copy and files left out (engine JobFiles).
-    files            jsonb NOT NULL DEFAULT '{}',
+    -- config.json, files to copy and files left out (engine JobFiles), as JSON text: jsonb
+    -- would reorder config.json's keys, and the output must match the input's order.
+    files            text NOT NULL DEFAULT '{}',
     tasks_total      integer NOT NULL DEFAULT 0,
     bytes_in         bigint NOT NULL DEFAULT 0,
     error            text,

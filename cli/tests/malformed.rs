@@ -835,7 +835,7 @@ fn space_padded_header_both_alignments() {
         let w = Work::new();
         let bytes = st_file_padded(&tensors(), pad);
         let n = u64::from_le_bytes(bytes[..8].try_into().expect("prefix")) as usize;
-        assert_eq!((8 + n) % 8 == 0, pad == aligned);
+        assert_eq!((8 + n).is_multiple_of(8), pad == aligned);
         let out = compress_ok_at(&w, "model.safetensors", &bytes);
         assert_kept(&out, &tensors()[0]);
     }

@@ -191,7 +191,7 @@ impl Store {
         .bind(job.recipe_name)
         .bind(serde_json::to_value(job.recipe)?)
         .bind(&job.labels)
-        .bind(serde_json::to_value(job.files)?)
+        .bind(serde_json::to_string(job.files)?)
         .bind(job.tasks.len() as i32)
         .bind(bytes_in)
         .bind(&job.error)
@@ -542,7 +542,7 @@ impl Store {
         id: Uuid,
         secs: f64,
     ) -> anyhow::Result<Option<FinalizeInput>> {
-        let claimed: Option<(String, String, Value, Value)> = sqlx::query_as(
+        let claimed: Option<(String, String, Value, String)> = sqlx::query_as(
             "UPDATE jobs SET state = 'finalizing', finalize_until = now() + make_interval(secs => $2),
                     updated_at = now()
              WHERE id = $1
@@ -575,7 +575,7 @@ impl Store {
             source_uri,
             destination_uri,
             recipe: serde_json::from_value(recipe)?,
-            files: serde_json::from_value(files)?,
+            files: serde_json::from_str(&files)?,
             tasks,
         }))
     }

@@ -20,7 +20,8 @@ pub const MAX_ATTEMPTS: u32 = 4;
 /// How long establishing a connection may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long the server may take to start answering a request.
+/// How long may pass from starting a request (sending its body included) to the first byte
+/// of the response.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where and how to reach the object store. Credentials are not part of the settings: they

@@ -40,9 +40,9 @@ async fn server_with_bucket() -> (S3Server, ObjectStore) {
     (server, store)
 }
 
-/// Files of s3s-fs's in-progress multipart uploads.
-fn upload_files(server: &S3Server) -> Vec<String> {
-    std::fs::read_dir(server.data_dir())
+/// Files of s3s-fs's in-progress multipart uploads in its data directory.
+fn upload_files(data_dir: &Path) -> Vec<String> {
+    std::fs::read_dir(data_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|name| name.starts_with(".upload"))
@@ -287,7 +287,7 @@ async fn a_missing_key_is_not_found_naming_the_object() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multipart_writer_round_trips_and_hashes() {
-    let (_server, store) = server_with_bucket().await;
+    let (server, store) = server_with_bucket().await;
     // Two full parts and a tail.
     let bytes = data(2 * PART_SIZE + 123_457, 3);
     let expected_sha = hex::encode(Sha256::digest(&bytes));
@@ -332,7 +332,7 @@ async fn multipart_writer_round_trips_and_hashes() {
     })
     .await
     .unwrap();
-    assert!(upload_files(&_server).is_empty());
+    assert!(upload_files(&server.data_dir()).is_empty());
 
     // Smaller than one part (single PutObject), and empty.
     for (key, size) in [("out/small", 1000usize), ("out/empty", 0)] {
@@ -377,7 +377,7 @@ async fn multipart_writer_round_trips_and_hashes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unfinished_writer_leaves_no_object_and_no_upload() {
     let (server, store) = server_with_bucket().await;
-    assert!(upload_files(&server).is_empty());
+    assert!(upload_files(&server.data_dir()).is_empty());
 
     // Dropped after one full part was sent: the abort runs in the background.
     let writer_store = store.clone();
@@ -389,36 +389,22 @@ async fn an_unfinished_writer_leaves_no_object_and_no_upload() {
     .await
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !upload_files(&server).is_empty() {
+    while !upload_files(&server.data_dir()).is_empty() {
         assert!(
             Instant::now() < deadline,
             "upload left behind: {:?}",
-            upload_files(&server)
+            upload_files(&server.data_dir())
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(store.head(BUCKET, "out/dropped").await.unwrap().is_none());
 
     // Explicit abort waits for the server; the upload existed before it.
-    let (writer_store, files_before) = (store.clone(), {
-        let server_dir = server.data_dir();
-        move || {
-            std::fs::read_dir(&server_dir)
-                .unwrap()
-                .filter(|e| {
-                    e.as_ref()
-                        .unwrap()
-                        .file_name()
-                        .to_string_lossy()
-                        .starts_with(".upload")
-                })
-                .count()
-        }
-    });
+    let (writer_store, data_dir) = (store.clone(), server.data_dir());
     let during = tokio::task::spawn_blocking(move || {
         let mut writer = writer_store.multipart_writer(BUCKET, "out/aborted");
         writer.write_all(&data(3 * PART_SIZE, 5)).unwrap();
-        let during = files_before();
+        let during = upload_files(&data_dir).len();
         writer.abort().unwrap();
         during
     })
@@ -426,9 +412,9 @@ async fn an_unfinished_writer_leaves_no_object_and_no_upload() {
     .unwrap();
     assert!(during > 0, "no multipart upload was in progress");
     assert!(
-        upload_files(&server).is_empty(),
+        upload_files(&server.data_dir()).is_empty(),
         "{:?}",
-        upload_files(&server)
+        upload_files(&server.data_dir())
     );
     assert!(store.head(BUCKET, "out/aborted").await.unwrap().is_none());
 

@@ -7,8 +7,10 @@ use crate::service::{
     job_client, job_json, rpc_error, runtime, state_name, state_of, ClientArgs, OutputFormat,
 };
 
-/// Cancel a job. Queued tasks are dropped and running ones stop at their next heartbeat; a
-/// job that already ended is left as it is. Prints the job's state afterwards.
+/// Cancel a job.
+///
+/// Queued tasks are dropped and running ones stop at their next heartbeat; a job that already
+/// ended is left as it is. Prints the job's state afterwards.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Job id.

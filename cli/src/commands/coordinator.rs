@@ -7,9 +7,11 @@ use shardpress_coordinator::CoordinatorConfig;
 
 use crate::service::{runtime, shutdown_signal, S3Args};
 
-/// Run the coordinator: the job API for clients, task leasing for workers, planning and
-/// finalizing jobs, with Postgres as the job store. Runs until SIGTERM or Ctrl-C; a second
-/// signal exits at once.
+/// Run the coordinator of the service.
+///
+/// Serves the job API for clients and task leasing for workers, plans and finalizes jobs,
+/// with Postgres as the job store. Runs until SIGTERM or Ctrl-C; a second signal exits at
+/// once.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Address to serve gRPC on.

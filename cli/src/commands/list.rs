@@ -8,8 +8,10 @@ use crate::service::{
     job_client, job_json, rpc_error, runtime, state_name, state_of, ClientArgs, OutputFormat,
 };
 
-/// List jobs, optionally only those in some states. Shows one page; the token of the next
-/// page is printed at the end (`--page-token` fetches it), or `--all` fetches every page.
+/// List jobs, newest first.
+///
+/// Optionally only those in some states. Shows one page; the token of the next page is
+/// printed at the end (`--page-token` fetches it), or `--all` fetches every page.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Only jobs in this state; repeat for several.

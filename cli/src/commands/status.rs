@@ -7,7 +7,9 @@ use crate::service::{
     job_client, job_json, job_text, rpc_error, runtime, ClientArgs, OutputFormat,
 };
 
-/// Show a job: state, progress, tasks by state, bytes in and out, ratio, error, timestamps.
+/// Show a job.
+///
+/// State, progress, tasks by state, bytes in and out, ratio, error and timestamps.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Job id, as printed by `shardpress submit`.

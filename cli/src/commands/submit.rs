@@ -11,8 +11,10 @@ use shardpress_storage::S3Uri;
 
 use crate::service::{job_client, rpc_error, runtime, ClientArgs, OutputFormat};
 
-/// Submit a job: compress the checkpoint under an S3 prefix into another prefix, on the
-/// service's workers. Prints the job id.
+/// Submit a compression job to the service; prints the job id.
+///
+/// The checkpoint under an S3 prefix is compressed into another prefix by the service's
+/// workers. Follow it with `shardpress watch` or `shardpress status`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// s3://bucket/prefix/ of the input checkpoint.

@@ -16,9 +16,10 @@ use crate::service::{
 };
 use crate::size::human;
 
-/// Follow a job with a progress bar until it ends. Exits 0 when it succeeded and 1 when it
-/// failed or was cancelled (printing why). With `--output json`, prints one JSON object per
-/// change instead.
+/// Follow a job with a progress bar until it ends.
+///
+/// Exits 0 when it succeeded and 1 when it failed or was cancelled (printing why). With
+/// `--output json`, prints one JSON object per change instead of the bar.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Job id.

@@ -8,9 +8,11 @@ use shardpress_worker::{default_worker_id, WorkerConfig};
 use crate::service::{runtime, shutdown_signal, S3Args, DEFAULT_COORDINATOR};
 use crate::size::parse_size;
 
-/// Run a worker: lease compression tasks from the coordinator, read the inputs from S3 and
-/// write the output shards back. Runs until SIGTERM or Ctrl-C, then lets running tasks finish
-/// for up to --shutdown-grace seconds; a second signal exits at once.
+/// Run a worker of the service.
+///
+/// Leases compression tasks from the coordinator, reads the inputs from S3 and writes the
+/// output shards back. Runs until SIGTERM or Ctrl-C, then lets running tasks finish for up to
+/// --shutdown-grace seconds; a second signal exits at once.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Coordinator gRPC endpoint.
