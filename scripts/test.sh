@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command: fetches the real test model, prepares the Python
-# environment of the output verifier, then runs every Rust test.
+# environment of the output verifier, installs the service test dependencies (PostgreSQL
+# binaries, the s3s-fs S3 server), then runs every Rust test.
 #
 #   scripts/test.sh [extra cargo test arguments]
 #
@@ -18,6 +19,14 @@ echo "SHARDPRESS_MODEL_DIR=$SHARDPRESS_MODEL_DIR"
 section "python environment of the verifier"
 SHARDPRESS_PYTHON="$(bash scripts/python-env.sh | tail -n 1)"
 echo "SHARDPRESS_PYTHON=$SHARDPRESS_PYTHON"
+
+section "service dependencies (PostgreSQL binaries, S3 server)"
+service_env="$(bash scripts/services.sh)"
+while IFS='=' read -r key value; do
+    [[ -n "$key" ]] || continue
+    export "$key=$value"
+    echo "$key=$value"
+done <<< "$service_env"
 
 export SHARDPRESS_MODEL_DIR SHARDPRESS_PYTHON
 
