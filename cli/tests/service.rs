@@ -2,6 +2,9 @@
 //! two worker processes compress the real checkpoint submitted with the CLI; the result must
 //! equal `shardpress compress` of the same input byte for byte.
 
+// Test helpers outside #[test] functions fail loudly on broken fixtures.
+#![allow(clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -82,7 +85,9 @@ impl Cluster {
 
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(BIN);
-        cmd.args(args).envs(self.s3.env()).env("SHARDPRESS_LOG", "info");
+        cmd.args(args)
+            .envs(self.s3.env())
+            .env("SHARDPRESS_LOG", "info");
         cmd
     }
 
@@ -146,15 +151,25 @@ impl Cluster {
     }
 
     fn submit(&self) -> String {
-        let out = self.cli(&["submit", SRC, "--recipe", "w8a16", "--out", DST, "--output", "json"]);
-        assert!(out.status.success(), "submit: {}", String::from_utf8_lossy(&out.stderr));
+        let out = self.cli(&[
+            "submit", SRC, "--recipe", "w8a16", "--out", DST, "--output", "json",
+        ]);
+        assert!(
+            out.status.success(),
+            "submit: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("submit json");
         v["job_id"].as_str().expect("job_id").to_string()
     }
 
     fn status(&self, id: &str) -> serde_json::Value {
         let out = self.cli(&["status", id, "--output", "json"]);
-        assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("status json")
     }
 
@@ -172,7 +187,11 @@ fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             if p.is_dir() {
                 stack.push(p);
             } else {
-                let rel = p.strip_prefix(dir).expect("rel").to_string_lossy().into_owned();
+                let rel = p
+                    .strip_prefix(dir)
+                    .expect("rel")
+                    .to_string_lossy()
+                    .into_owned();
                 out.insert(rel, std::fs::read(&p).expect("read"));
             }
         }
@@ -192,13 +211,25 @@ async fn assert_matches_local(c: &Cluster) {
     let local = tempfile::tempdir().expect("tmp");
     let local_out = local.path().join("w8a16");
     let out = Command::new(BIN)
-        .args(["compress", &model_dir().to_string_lossy(), "--recipe", "w8a16", "--quiet", "--out"])
+        .args([
+            "compress",
+            &model_dir().to_string_lossy(),
+            "--recipe",
+            "w8a16",
+            "--quiet",
+            "--out",
+        ])
         .arg(&local_out)
         .output()
         .expect("compress");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let remote = tempfile::tempdir().expect("tmp");
-    c.s3.download_prefix("models-out", "minilm-w8a16/", remote.path()).await;
+    c.s3.download_prefix("models-out", "minilm-w8a16/", remote.path())
+        .await;
     let a = files(&local_out);
     let b = files(remote.path());
     assert_eq!(
@@ -207,7 +238,10 @@ async fn assert_matches_local(c: &Cluster) {
         "service output has other files than the local run"
     );
     for (name, bytes) in &a {
-        assert!(b[name] == *bytes, "{name} differs between service and local output");
+        assert!(
+            b[name] == *bytes,
+            "{name} differs between service and local output"
+        );
     }
 }
 
@@ -245,12 +279,16 @@ async fn two_workers_compress_the_real_checkpoint_like_the_local_command() {
             .expect("job_status");
     assert_eq!(state, "succeeded");
     assert_eq!(bytes_out, total_out);
-    assert_eq!(bytes_in as u64, tensor_bytes(&model_dir().join("model.safetensors")));
+    assert_eq!(
+        bytes_in as u64,
+        tensor_bytes(&model_dir().join("model.safetensors"))
+    );
     assert!(ratio.expect("ratio") > 1.5, "{ratio:?}");
-    let tensors: i64 = sqlx::query_scalar("SELECT count(*) FROM tensor_results WHERE action = 'quantize'")
-        .fetch_one(&db)
-        .await
-        .expect("tensor_results");
+    let tensors: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tensor_results WHERE action = 'quantize'")
+            .fetch_one(&db)
+            .await
+            .expect("tensor_results");
     assert_eq!(tensors, 37);
     // Both workers took part or one did everything; either way each task ran exactly once.
     let attempts: i64 = sqlx::query_scalar("SELECT sum(attempts)::bigint FROM tasks")
@@ -281,18 +319,26 @@ async fn a_coordinator_killed_mid_job_loses_nothing() {
     }
     // Freeze the worker so the job cannot finish while the coordinator is gone.
     signal(&c.workers[0], "-STOP");
-    let done_before: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE state = 'succeeded'")
-        .fetch_one(&db)
-        .await
-        .expect("count");
-    assert!(done_before < 8, "job finished before the coordinator was killed");
+    let done_before: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tasks WHERE state = 'succeeded'")
+            .fetch_one(&db)
+            .await
+            .expect("count");
+    assert!(
+        done_before < 8,
+        "job finished before the coordinator was killed"
+    );
     if let Some(coord) = c.coordinator.take() {
         signal(&coord, "-KILL");
     }
     c.start_coordinator();
     signal(&c.workers[0], "-CONT");
     let watch = c.cli(&["watch", &id]);
-    assert!(watch.status.success(), "{}", String::from_utf8_lossy(&watch.stderr));
+    assert!(
+        watch.status.success(),
+        "{}",
+        String::from_utf8_lossy(&watch.stderr)
+    );
     assert_eq!(c.status(&id)["state"], "succeeded");
     assert_matches_local(&c).await;
 }

@@ -129,6 +129,15 @@ pub struct FinalizeInput {
     pub tasks: Vec<(TaskSpec, TaskOutput, String, i64)>,
 }
 
+/// A finished task's stored outputs.
+#[derive(Debug, FromRow)]
+struct DoneTask {
+    spec: Value,
+    result: Option<Value>,
+    output_key: Option<String>,
+    output_bytes: Option<i64>,
+}
+
 /// Outcome of a fenced task update.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fenced {
@@ -384,9 +393,7 @@ impl Store {
     /// now done.
     pub async fn complete(
         &self,
-        job: Uuid,
-        seq: i32,
-        token: Uuid,
+        (job, seq, token): (Uuid, i32, Uuid),
         output_key: &str,
         output_bytes: i64,
         sha256: &str,
@@ -558,14 +565,20 @@ impl Store {
         let Some((source_uri, destination_uri, recipe, files)) = claimed else {
             return Ok(None);
         };
-        let rows: Vec<(Value, Option<Value>, Option<String>, Option<i64>)> = sqlx::query_as(
+        let rows: Vec<DoneTask> = sqlx::query_as(
             "SELECT spec, result, output_key, output_bytes FROM tasks WHERE job_id = $1 ORDER BY seq",
         )
         .bind(id)
         .fetch_all(&self.pool)
         .await?;
         let mut tasks = Vec::with_capacity(rows.len());
-        for (spec, result, key, bytes) in rows {
+        for DoneTask {
+            spec,
+            result,
+            output_key: key,
+            output_bytes: bytes,
+        } in rows
+        {
             let spec: TaskSpec = serde_json::from_value(spec)?;
             let result: TaskOutput = serde_json::from_value(result.unwrap_or(Value::Null))?;
             tasks.push((spec, result, key.unwrap_or_default(), bytes.unwrap_or(0)));

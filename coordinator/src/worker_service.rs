@@ -127,9 +127,7 @@ impl WorkerService for Workers {
             .ctx
             .store
             .complete(
-                job,
-                seq,
-                token,
+                (job, seq, token),
                 &req.output_key,
                 bytes,
                 &req.sha256,

@@ -1,6 +1,9 @@
 //! The coordinator's API against real Postgres and a real S3 server, with the test playing the
 //! worker over gRPC so every lease transition can be driven exactly.
 
+// Test helpers outside #[test] functions fail loudly on broken fixtures.
+#![allow(clippy::expect_used)]
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -69,7 +72,9 @@ impl Env {
         if let Some(h) = self.server.take() {
             h.await.expect("join").expect("coordinator exited cleanly");
         }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr: SocketAddr = listener.local_addr().expect("addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let config = self.config.clone();
@@ -79,7 +84,11 @@ impl Env {
         self.stop = Some(tx);
         let endpoint = format!("http://{addr}");
         let channel = loop {
-            match Channel::from_shared(endpoint.clone()).expect("uri").connect().await {
+            match Channel::from_shared(endpoint.clone())
+                .expect("uri")
+                .connect()
+                .await
+            {
                 Ok(c) => break c,
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
@@ -88,7 +97,12 @@ impl Env {
         self.workers = WorkerServiceClient::new(channel);
         // Migrations run before serving; wait until the API answers.
         for _ in 0..200 {
-            if self.jobs.list_jobs(ListJobsRequest::default()).await.is_ok() {
+            if self
+                .jobs
+                .list_jobs(ListJobsRequest::default())
+                .await
+                .is_ok()
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -96,7 +110,12 @@ impl Env {
         panic!("coordinator did not come up");
     }
 
-    async fn submit(&mut self, source: &str, recipe: Recipe, key: &str) -> Result<SubmitJobResponse, tonic::Status> {
+    async fn submit(
+        &mut self,
+        source: &str,
+        recipe: Recipe,
+        key: &str,
+    ) -> Result<SubmitJobResponse, tonic::Status> {
         self.jobs
             .submit_job(SubmitJobRequest {
                 source_uri: source.into(),
@@ -130,13 +149,19 @@ impl Env {
     }
 
     async fn count(&self, sql: &str) -> i64 {
-        sqlx::query_scalar(sql).fetch_one(&self.db).await.expect("count")
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.db)
+            .await
+            .expect("count")
     }
 }
 
 fn dummy_client() -> (JobServiceClient<Channel>, WorkerServiceClient<Channel>) {
     let ch = Channel::from_static("http://127.0.0.1:9").connect_lazy();
-    (JobServiceClient::new(ch.clone()), WorkerServiceClient::new(ch))
+    (
+        JobServiceClient::new(ch.clone()),
+        WorkerServiceClient::new(ch),
+    )
 }
 
 fn preset(name: &str) -> Recipe {
@@ -147,11 +172,27 @@ fn preset(name: &str) -> Recipe {
 
 /// A Llama-shaped checkpoint with `layers` blocks of small random matrices.
 fn write_tiny_checkpoint(dir: &Path, layers: usize) {
-    let mut specs = vec![TensorSpec::new("model.embed_tokens.weight", DType::F32, vec![16, 8])];
+    let mut specs = vec![TensorSpec::new(
+        "model.embed_tokens.weight",
+        DType::F32,
+        vec![16, 8],
+    )];
     for l in 0..layers {
-        specs.push(TensorSpec::new(format!("model.layers.{l}.input_layernorm.weight"), DType::F32, vec![8]));
-        specs.push(TensorSpec::new(format!("model.layers.{l}.mlp.up_proj.weight"), DType::F32, vec![12, 8]));
-        specs.push(TensorSpec::new(format!("model.layers.{l}.mlp.down_proj.weight"), DType::F32, vec![8, 12]));
+        specs.push(TensorSpec::new(
+            format!("model.layers.{l}.input_layernorm.weight"),
+            DType::F32,
+            vec![8],
+        ));
+        specs.push(TensorSpec::new(
+            format!("model.layers.{l}.mlp.up_proj.weight"),
+            DType::F32,
+            vec![12, 8],
+        ));
+        specs.push(TensorSpec::new(
+            format!("model.layers.{l}.mlp.down_proj.weight"),
+            DType::F32,
+            vec![8, 12],
+        ));
     }
     specs.push(TensorSpec::new("model.norm.weight", DType::F32, vec![8]));
     let file = std::fs::File::create(dir.join("model.safetensors")).expect("create");
@@ -170,15 +211,25 @@ fn write_tiny_checkpoint(dir: &Path, layers: usize) {
         w.write_tensor(&s.name, &bytes).expect("tensor");
     }
     w.finish().expect("finish");
-    std::fs::write(dir.join("config.json"), r#"{"model_type":"llama","num_hidden_layers":3}"#).expect("config");
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type":"llama","num_hidden_layers":3}"#,
+    )
+    .expect("config");
     std::fs::write(dir.join("tokenizer.json"), r#"{"version":"1.0"}"#).expect("tokenizer");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_is_idempotent_and_plans_one_task_per_layer_group() {
     let mut env = Env::start(30, 3).await;
-    let a = env.submit("s3://src-models/model/", preset("w8a16"), "key-1").await.expect("submit");
-    let b = env.submit("s3://src-models/model/", preset("w8a16"), "key-1").await.expect("submit again");
+    let a = env
+        .submit("s3://src-models/model/", preset("w8a16"), "key-1")
+        .await
+        .expect("submit");
+    let b = env
+        .submit("s3://src-models/model/", preset("w8a16"), "key-1")
+        .await
+        .expect("submit again");
     assert!(a.created);
     assert!(!b.created);
     assert_eq!(a.job_id, b.job_id);
@@ -187,10 +238,17 @@ async fn submit_is_idempotent_and_plans_one_task_per_layer_group() {
     assert_eq!(job.state, JobState::Queued as i32);
     // embeddings, 3 layers, final norm
     assert_eq!(job.tasks_total, 5);
-    assert_eq!(env.count("SELECT count(*) FROM tasks WHERE state = 'queued'").await, 5);
+    assert_eq!(
+        env.count("SELECT count(*) FROM tasks WHERE state = 'queued'")
+            .await,
+        5
+    );
     let expected_in: i64 = (16 * 8 + 3 * (8 + 96 + 96) + 8) * 4;
     assert_eq!(job.bytes_in as i64, expected_in);
-    let c = env.submit("s3://src-models/model/", preset("w8a16"), "key-2").await.expect("other key");
+    let c = env
+        .submit("s3://src-models/model/", preset("w8a16"), "key-2")
+        .await
+        .expect("other key");
     assert_ne!(c.job_id, a.job_id);
 }
 
@@ -209,11 +267,36 @@ async fn bad_requests_are_refused_with_nothing_stored() {
         })),
     };
     let cases: Vec<(&str, &str, Recipe, &str)> = vec![
-        ("s3://src-models/model/", "s3://dst-models/x/", bad_recipe, "bits must be 2, 4 or 8, got 9"),
-        ("s3://src-models/model/", "s3://dst-models/x/", preset("w3a16"), "unknown preset \"w3a16\""),
-        ("http://in/model/", "s3://dst-models/x/", preset("w8a16"), "source_uri"),
-        ("s3://src-models/model/", "s3://src-models/model/out/", preset("w8a16"), "overlaps"),
-        ("s3://src-models/model/", "", preset("w8a16"), "destination_uri"),
+        (
+            "s3://src-models/model/",
+            "s3://dst-models/x/",
+            bad_recipe,
+            "bits must be 2, 4 or 8, got 9",
+        ),
+        (
+            "s3://src-models/model/",
+            "s3://dst-models/x/",
+            preset("w3a16"),
+            "unknown preset \"w3a16\"",
+        ),
+        (
+            "http://in/model/",
+            "s3://dst-models/x/",
+            preset("w8a16"),
+            "source_uri",
+        ),
+        (
+            "s3://src-models/model/",
+            "s3://src-models/model/out/",
+            preset("w8a16"),
+            "overlaps",
+        ),
+        (
+            "s3://src-models/model/",
+            "",
+            preset("w8a16"),
+            "destination_uri",
+        ),
     ];
     for (src, dst, recipe, want) in cases {
         let err = env
@@ -228,7 +311,11 @@ async fn bad_requests_are_refused_with_nothing_stored() {
             .await
             .expect_err("must be refused");
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-        assert!(err.message().contains(want), "{} should mention {want}", err.message());
+        assert!(
+            err.message().contains(want),
+            "{} should mention {want}",
+            err.message()
+        );
     }
     assert_eq!(env.count("SELECT count(*) FROM jobs").await, 0);
     assert_eq!(env.count("SELECT count(*) FROM tasks").await, 0);
@@ -237,17 +324,27 @@ async fn bad_requests_are_refused_with_nothing_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_source_fails_the_job_naming_the_location() {
     let mut env = Env::start(30, 3).await;
-    let r = env.submit("s3://src-models/nothing-here/", preset("w8a16"), "k").await.expect("submit");
+    let r = env
+        .submit("s3://src-models/nothing-here/", preset("w8a16"), "k")
+        .await
+        .expect("submit");
     let job = env.job(&r.job_id).await;
     assert_eq!(job.state, JobState::Failed as i32);
-    assert!(job.error.contains("s3://src-models/nothing-here"), "{}", job.error);
+    assert!(
+        job.error.contains("s3://src-models/nothing-here"),
+        "{}",
+        job.error
+    );
     assert_eq!(env.count("SELECT count(*) FROM tasks").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_lease_is_requeued_and_the_stale_worker_is_fenced_out() {
     let mut env = Env::start(1, 3).await;
-    let r = env.submit("s3://src-models/model/", preset("w8a16"), "k").await.expect("submit");
+    let r = env
+        .submit("s3://src-models/model/", preset("w8a16"), "k")
+        .await
+        .expect("submit");
     let first = env.lease("w1", 1).await;
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].attempt, 1);
@@ -296,14 +393,19 @@ async fn expired_lease_is_requeued_and_the_stale_worker_is_fenced_out() {
         .into_inner();
     assert!(!hb.keep_going);
     assert!(hb.reason.contains("another worker"), "{}", hb.reason);
-    let events = env.count("SELECT count(*) FROM job_events WHERE kind = 'requeued'").await;
+    let events = env
+        .count("SELECT count(*) FROM job_events WHERE kind = 'requeued'")
+        .await;
     assert!(events >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attempt_limit_and_fatal_errors_fail_the_job() {
     let mut env = Env::start(30, 2).await;
-    let r = env.submit("s3://src-models/model/", preset("w8a16"), "k").await.expect("submit");
+    let r = env
+        .submit("s3://src-models/model/", preset("w8a16"), "k")
+        .await
+        .expect("submit");
     let mut attempts = 0;
     for _ in 0..200 {
         let leases = env.lease("w", 1).await;
@@ -333,7 +435,10 @@ async fn attempt_limit_and_fatal_errors_fail_the_job() {
     // The failed job hands out no more work.
     assert!(env.lease("w", 10).await.is_empty());
 
-    let r2 = env.submit("s3://src-models/model/", preset("w8a16"), "k2").await.expect("submit");
+    let r2 = env
+        .submit("s3://src-models/model/", preset("w8a16"), "k2")
+        .await
+        .expect("submit");
     let l = env.lease("w", 1).await.remove(0);
     env.workers
         .fail_task(FailTaskRequest {
@@ -353,11 +458,16 @@ async fn attempt_limit_and_fatal_errors_fail_the_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancellation_stops_leasing_and_tells_workers() {
     let mut env = Env::start(30, 3).await;
-    let r = env.submit("s3://src-models/model/", preset("w8a16"), "k").await.expect("submit");
+    let r = env
+        .submit("s3://src-models/model/", preset("w8a16"), "k")
+        .await
+        .expect("submit");
     let l = env.lease("w", 1).await.remove(0);
     let job = env
         .jobs
-        .cancel_job(CancelJobRequest { job_id: r.job_id.clone() })
+        .cancel_job(CancelJobRequest {
+            job_id: r.job_id.clone(),
+        })
         .await
         .expect("cancel")
         .into_inner();
@@ -376,10 +486,16 @@ async fn cancellation_stops_leasing_and_tells_workers() {
         .into_inner();
     assert!(!hb.keep_going);
     assert!(hb.reason.contains("cancelled"), "{}", hb.reason);
-    assert_eq!(env.count("SELECT count(*) FROM tasks WHERE state = 'cancelled'").await, 4);
+    assert_eq!(
+        env.count("SELECT count(*) FROM tasks WHERE state = 'cancelled'")
+            .await,
+        4
+    );
     // Cancelling again is harmless.
     env.jobs
-        .cancel_job(CancelJobRequest { job_id: r.job_id.clone() })
+        .cancel_job(CancelJobRequest {
+            job_id: r.job_id.clone(),
+        })
         .await
         .expect("cancel twice");
 }
@@ -387,7 +503,10 @@ async fn cancellation_stops_leasing_and_tells_workers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_coordinator_keeps_jobs_and_leases() {
     let mut env = Env::start(30, 3).await;
-    let r = env.submit("s3://src-models/model/", preset("w8a16"), "k").await.expect("submit");
+    let r = env
+        .submit("s3://src-models/model/", preset("w8a16"), "k")
+        .await
+        .expect("submit");
     let l = env.lease("w", 2).await;
     assert_eq!(l.len(), 2);
     env.restart_coordinator().await;

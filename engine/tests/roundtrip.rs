@@ -160,7 +160,7 @@ fn assert_tiles(h: &ShardHeader, file_len: u64) -> Result<(), TestCaseError> {
 // ---------------------------------------------------------------------------------------------
 
 proptest! {
-    #![proptest_config(Config { cases: 5000, ..Config::default() })]
+    #![proptest_config(Config { cases: 128, ..Config::default() })]
 
     #[test]
     fn writer_output_reads_back_with_both_parsers(
@@ -325,7 +325,7 @@ fn jsonish_file() -> impl Strategy<Value = Vec<u8>> {
 }
 
 proptest! {
-    #![proptest_config(Config { cases: 5000, ..Config::default() })]
+    #![proptest_config(Config { cases: 256, ..Config::default() })]
 
     #[test]
     fn parser_survives_random_bytes(bytes in vec(any::<u8>(), 0..300)) {
@@ -554,7 +554,7 @@ fn check_quantized(
 }
 
 proptest! {
-    #![proptest_config(Config { cases: 5000, ..Config::default() })]
+    #![proptest_config(Config { cases: 192, ..Config::default() })]
 
     #[test]
     fn quantize_decodes_within_half_a_step((rows, cols, w, p) in quant_case()) {

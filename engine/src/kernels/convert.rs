@@ -146,10 +146,22 @@ mod tests {
         assert_eq!(u16::from_le_bytes(out), 0x3ca5);
         // From f64 just above the halfway point between two bf16 values.
         let x = 1.0f64 + 2f64.powi(-8) + 2f64.powi(-40);
-        cast_bytes(DType::F64, DType::BF16, &x.to_le_bytes(), &mut out, &mut back);
+        cast_bytes(
+            DType::F64,
+            DType::BF16,
+            &x.to_le_bytes(),
+            &mut out,
+            &mut back,
+        );
         assert_eq!(u16::from_le_bytes(out), 0x3f81);
         let tie = 1.0f64 + 2f64.powi(-8);
-        cast_bytes(DType::F64, DType::BF16, &tie.to_le_bytes(), &mut out, &mut back);
+        cast_bytes(
+            DType::F64,
+            DType::BF16,
+            &tie.to_le_bytes(),
+            &mut out,
+            &mut back,
+        );
         assert_eq!(u16::from_le_bytes(out), 0x3f80);
     }
 
