@@ -112,6 +112,16 @@ pub fn quantize(
 ) -> Result<IntQuantized, QuantError> {
     let (rows_us, cols_us) = (rows as usize, cols as usize);
     debug_assert_eq!(w.len(), rows_us * cols_us);
+    if rows_us == 0 || cols_us == 0 {
+        let (prow, pcols) = p.param_shape(rows, cols);
+        let n = (prow * pcols) as usize;
+        return Ok(IntQuantized {
+            packed: Vec::new(),
+            scales: vec![1.0; n],
+            zero_points: vec![0; n],
+            stats: ErrorStats::default(),
+        });
+    }
     if let Some(i) = w.par_iter().position_first(|x| !x.is_finite()) {
         return Err(QuantError::NonFinite {
             row: (i / cols_us.max(1)) as u64,
@@ -344,6 +354,15 @@ mod tests {
         p.scale_dtype = DType::F16;
         let e = quantize(&w, 1, 2, &p).expect_err("overflow");
         assert!(matches!(e, QuantError::Scale { row: 0, .. }), "{e:?}");
+    }
+
+    #[test]
+    fn empty_matrices_quantize_to_nothing() {
+        for strategy in [Strategy::Tensor, Strategy::Channel, Strategy::Group(4)] {
+            let q = quantize(&[], 3, 0, &params(4, false, strategy)).expect("empty");
+            assert!(q.packed.is_empty());
+            assert_eq!(q.stats.n, 0);
+        }
     }
 
     #[test]
