@@ -31,13 +31,10 @@ struct Env {
 
 impl Env {
     async fn start(lease_seconds: u32, max_attempts: u32) -> Env {
+        shardpress_testkit::use_test_credentials();
         let pg = PgCluster::start();
         let url = pg.create_database("coord");
         let s3 = S3Server::start();
-        for (k, v) in s3.env() {
-            // Every test uses the same fixed server credentials, so concurrent tests agree.
-            std::env::set_var(k, v);
-        }
         s3.create_bucket("src-models").await;
         s3.create_bucket("dst-models").await;
         let dir = tempfile::tempdir().expect("tempdir");

@@ -37,3 +37,21 @@ fn cache_dir() -> std::path::PathBuf {
         }
     }
 }
+
+/// Puts the fixed test credentials and region into this process's environment, once, for code
+/// under test that reads the standard AWS variables. Call it first in a test, before starting
+/// anything: the environment must not change while other threads may be reading it, and the
+/// `Once` makes every later caller wait until it is set.
+pub fn use_test_credentials() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for (k, v) in [
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+            ("AWS_REGION", REGION),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ] {
+            std::env::set_var(k, v);
+        }
+    });
+}

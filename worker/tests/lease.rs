@@ -286,11 +286,8 @@ fn local_output(dir: &Path, spec: &TaskSpec) -> (Vec<u8>, TaskOutput) {
 /// An S3 server with buckets `input` and `output` and the checkpoint in `dir` under
 /// `input/model/` (bucket names need at least three characters).
 async fn s3_with(dir: &Path) -> S3Server {
+    shardpress_testkit::use_test_credentials();
     let s3 = S3Server::start();
-    for (k, v) in s3.env() {
-        // Every test uses the same fixed server credentials, so concurrent tests agree.
-        std::env::set_var(k, v);
-    }
     s3.create_bucket("input").await;
     s3.create_bucket("output").await;
     s3.upload_dir("input", "model/", dir).await;
