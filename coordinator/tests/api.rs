@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use shardpress_coordinator::{serve, CoordinatorConfig};
-use shardpress_engine::safetensors::{ShardWriter, TensorSpec};
+use shardpress_engine::safetensors::TensorSpec;
 use shardpress_engine::DType;
 use shardpress_proto::v1::job_service_client::JobServiceClient;
 use shardpress_proto::v1::worker_service_client::WorkerServiceClient;
@@ -192,22 +192,7 @@ fn write_tiny_checkpoint(dir: &Path, layers: usize) {
         ));
     }
     specs.push(TensorSpec::new("model.norm.weight", DType::F32, vec![8]));
-    let file = std::fs::File::create(dir.join("model.safetensors")).expect("create");
-    let mut w = ShardWriter::new(file, specs.clone(), &Default::default()).expect("writer");
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    for s in &specs {
-        let n: u64 = s.shape.iter().product();
-        let mut bytes = Vec::with_capacity(n as usize * 4);
-        for _ in 0..n {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let v = (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
-        w.write_tensor(&s.name, &bytes).expect("tensor");
-    }
-    w.finish().expect("finish");
+    shardpress_testkit::write_f32_checkpoint(dir, &specs);
     std::fs::write(
         dir.join("config.json"),
         r#"{"model_type":"llama","num_hidden_layers":3}"#,

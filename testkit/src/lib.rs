@@ -11,6 +11,8 @@
 mod pg;
 mod s3;
 
+mod checkpoint;
+pub use checkpoint::write_f32_checkpoint;
 pub use pg::PgCluster;
 pub use s3::{S3Server, ACCESS_KEY, REGION, SECRET_KEY};
 

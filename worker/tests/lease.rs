@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use shardpress_engine::pipeline::{plan_job, run_task, NoProgress, TaskOutput, TaskSpec};
 use shardpress_engine::report::TensorReport;
-use shardpress_engine::safetensors::{ShardWriter, TensorSpec};
+use shardpress_engine::safetensors::TensorSpec;
 use shardpress_engine::source::{ByteSource, LocalFile};
 use shardpress_engine::{Checkpoint, DType, Recipe};
 use shardpress_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
@@ -179,30 +179,9 @@ fn config(s3: &S3Server, addr: SocketAddr, concurrency: usize) -> WorkerConfig {
     c
 }
 
-/// Deterministic values in [-0.5, 0.5).
-fn noise(seed: &mut u64, n: u64) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(n as usize * 4);
-    for _ in 0..n {
-        *seed ^= *seed << 13;
-        *seed ^= *seed >> 7;
-        *seed ^= *seed << 17;
-        let v = (*seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-        bytes.extend_from_slice(&v.to_le_bytes());
-    }
-    bytes
-}
-
 /// Writes `model.safetensors` with the given f32 tensors and a config.json.
 fn write_checkpoint(dir: &Path, specs: Vec<TensorSpec>) {
-    let file = std::fs::File::create(dir.join("model.safetensors")).expect("create");
-    let mut w = ShardWriter::new(file, specs.clone(), &Default::default()).expect("writer");
-    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-    for s in &specs {
-        let n: u64 = s.shape.iter().product();
-        w.write_tensor(&s.name, &noise(&mut seed, n))
-            .expect("tensor");
-    }
-    w.finish().expect("finish");
+    shardpress_testkit::write_f32_checkpoint(dir, &specs);
     std::fs::write(dir.join("config.json"), r#"{"model_type":"llama"}"#).expect("config");
 }
 
