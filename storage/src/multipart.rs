@@ -120,8 +120,8 @@ impl MultipartWriter {
         }
     }
 
-    /// Abandons the upload: stops part uploads still running and aborts the multipart
-    /// upload, waiting for the server to confirm.
+    /// Abandons the upload: waits for part uploads still running, then aborts the
+    /// multipart upload, waiting for the server to confirm.
     pub fn abort(mut self) -> Result<(), StorageError> {
         let Some(upload_id) = self.upload_id.take() else {
             self.state = State::Closed;
@@ -318,9 +318,6 @@ impl Drop for MultipartWriter {
         };
         // Dropping may happen anywhere, even in async code or while unwinding, so the abort
         // runs as a task instead of blocking here.
-        for task in &self.in_flight {
-            task.abort();
-        }
         let in_flight = std::mem::take(&mut self.in_flight);
         let store = self.store.clone();
         let (bucket, key) = (self.bucket.clone(), self.key.clone());
@@ -333,7 +330,7 @@ impl Drop for MultipartWriter {
     }
 }
 
-/// Stops the part uploads, waits until they are gone (a part arriving after the abort could
+/// Waits for the part uploads still running (a part arriving after the abort could
 /// otherwise survive it), then aborts the multipart upload.
 async fn abort_upload(
     store: ObjectStore,
@@ -342,11 +339,10 @@ async fn abort_upload(
     upload_id: String,
     in_flight: VecDeque<PartUpload>,
 ) -> Result<(), StorageError> {
-    for task in &in_flight {
-        task.abort();
-    }
+    // Parts still being sent are allowed to finish rather than cancelled: a cancelled
+    // request may still be stored by the server after the abort, leaving a stray part.
     for task in in_flight {
-        // Cancelled, failed or finished: all that matters is that it no longer runs.
+        // Failed or finished: all that matters is that it no longer runs.
         let _ = task.await;
     }
     store
