@@ -24,6 +24,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Compress(commands::compress::Args),
+    Decompress(commands::decompress::Args),
     Recipes(commands::recipes::Args),
     Inspect(commands::inspect::Args),
     Submit(commands::submit::Args),
@@ -45,6 +46,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Compress(a) => commands::compress::run(a),
+        Command::Decompress(a) => commands::decompress::run(a),
         Command::Recipes(a) => commands::recipes::run(a),
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Submit(a) => commands::submit::run(a),

@@ -13,7 +13,6 @@ use uuid::Uuid;
 
 use shardpress_engine::recipe::{preset, preset_names};
 use shardpress_engine::Recipe;
-use shardpress_proto::recipe::recipe_file;
 use shardpress_proto::v1::job_service_server::JobService;
 use shardpress_proto::v1::{
     recipe, CancelJobRequest, GetJobRequest, Job, JobEvent, JobState, ListJobsRequest,
@@ -28,6 +27,8 @@ use crate::planner::{plan, Planned};
 use crate::Ctx;
 
 const MAX_LABELS: usize = 64;
+/// Largest recipe text accepted.
+const MAX_RECIPE_BYTES: usize = 256 * 1024;
 const MAX_LABEL_LEN: usize = 256;
 const MAX_KEY_LEN: usize = 256;
 
@@ -69,9 +70,14 @@ fn recipe_of(r: Option<&shardpress_proto::v1::Recipe>) -> Result<Recipe, ApiErro
             })?;
             Recipe::from_toml(text, &format!("preset {name:?}"))
         }
-        recipe::Source::Spec(spec) => {
-            let file = recipe_file(spec).map_err(|e| ApiError::Invalid(format!("recipe: {e}")))?;
-            Recipe::from_file(file, "in request")
+        recipe::Source::Toml(text) => {
+            if text.len() > MAX_RECIPE_BYTES {
+                return Err(ApiError::Invalid(format!(
+                    "recipe is {} bytes; at most {MAX_RECIPE_BYTES} are accepted",
+                    text.len()
+                )));
+            }
+            Recipe::from_toml(text, "in request")
         }
     };
     recipe.map_err(|e| ApiError::Invalid(e.to_string()))

@@ -117,9 +117,18 @@ impl WorkerService for Workers {
         if req.sha256.len() != 64 || !req.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(ApiError::Invalid("sha256 must be 64 hex digits".into()).into());
         }
+        let layer = if req.layer_json.is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::from_str(&req.layer_json)
+                    .map_err(|e| ApiError::Invalid(format!("layer_json: {e}")))?,
+            )
+        };
         let output = TaskOutput {
             tensors,
             file_bytes: req.output_bytes,
+            layer,
         };
         let bytes = i64::try_from(req.output_bytes)
             .map_err(|_| ApiError::Invalid("output_bytes out of range".into()))?;

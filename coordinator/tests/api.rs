@@ -238,22 +238,16 @@ async fn submit_is_idempotent_and_plans_one_task_per_layer_group() {
 async fn bad_requests_are_refused_with_nothing_stored() {
     let mut env = Env::start(30, 3).await;
     let bad_recipe = Recipe {
-        source: Some(recipe::Source::Spec(RecipeSpec {
-            rules: vec![RecipeRule {
-                targets: vec!["*.weight".into()],
-                action: "quantize".into(),
-                bits: Some(9),
-                ..Default::default()
-            }],
-            ..Default::default()
-        })),
+        source: Some(recipe::Source::Toml(
+            "[[rules]]\ntargets = [\"*.weight\"]\naction = \"quantize\"\nbits = 9\n".into(),
+        )),
     };
     let cases: Vec<(&str, &str, Recipe, &str)> = vec![
         (
             "s3://src-models/model/",
             "s3://dst-models/x/",
             bad_recipe,
-            "bits must be 2, 4 or 8, got 9",
+            "bits must be 2 to 8, got 9",
         ),
         (
             "s3://src-models/model/",
@@ -358,6 +352,7 @@ async fn expired_lease_is_requeued_and_the_stale_worker_is_fenced_out() {
             output_bytes: 1,
             sha256: "0".repeat(64),
             tensors_json: "[]".into(),
+            layer_json: String::new(),
         })
         .await
         .expect_err("stale completion");

@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod codec;
+pub mod decompress;
 pub mod dtype;
 pub mod hf_config;
 pub mod kernels;
@@ -15,6 +16,7 @@ pub mod recipe;
 pub mod report;
 pub mod safetensors;
 pub mod source;
+pub mod structured;
 
 pub use checkpoint::{Checkpoint, CheckpointError};
 pub use dtype::DType;

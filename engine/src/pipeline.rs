@@ -19,8 +19,13 @@ use crate::codec::{output_specs, transform, TransformError};
 use crate::hf_config;
 use crate::kernels::int_quant::Strategy;
 use crate::plan::{group_tensors, shard_file_name};
-use crate::recipe::{Recipe, TensorAction};
-use crate::report::{Report, ShardReport, TensorReport, REPORT_VERSION};
+use crate::recipe::{Recipe, TensorAction, WeightQuant};
+use crate::report::{
+    LayerReport, Report, ShardReport, StructuredReport, TensorReport, REPORT_VERSION,
+};
+use crate::structured::{
+    add_scores, choose_units, gather, sliced_info, Fate, LayerCut, Slice, Structure, Unit,
+};
 use crate::safetensors::{ShardWriter, TensorInfo, WriteError};
 use crate::source::ByteSource;
 
@@ -66,6 +71,9 @@ pub enum CompressError {
     /// The work was cancelled.
     #[error("cancelled")]
     Cancelled,
+    /// The recipe cannot be applied to this checkpoint.
+    #[error("{0}")]
+    Plan(String),
     /// The output location cannot be used.
     #[error("{path}: {problem}")]
     Output {
@@ -85,6 +93,26 @@ pub struct PlannedTensor {
     pub info: TensorInfo,
     /// What happens to it.
     pub action: TensorAction,
+    /// Output name, when structured pruning renumbers its layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out_name: Option<String>,
+    /// Part kept by structured pruning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slice: Option<Slice>,
+}
+
+impl PlannedTensor {
+    /// The header entry of the tensor the action applies to: renamed and sliced.
+    pub fn out_info(&self) -> TensorInfo {
+        match (&self.out_name, &self.slice) {
+            (None, None) => self.info.clone(),
+            (name, slice) => sliced_info(
+                &self.info,
+                name.as_deref().unwrap_or(&self.info.name),
+                slice.as_ref(),
+            ),
+        }
+    }
 }
 
 /// An input file a task reads from.
@@ -110,6 +138,9 @@ pub struct TaskSpec {
     pub inputs: Vec<TaskInput>,
     /// Tensors in output order.
     pub tensors: Vec<PlannedTensor>,
+    /// Structured pruning of this layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut: Option<LayerCut>,
 }
 
 impl TaskSpec {
@@ -135,15 +166,23 @@ impl JobPlan {
 
 /// Decides every tensor's action and groups tensors into output shards.
 pub fn plan_job(ckpt: &Checkpoint, recipe: &Recipe) -> Result<JobPlan, CompressError> {
+    let structure = match &recipe.structured {
+        Some(spec) => Some(Structure::plan(ckpt, spec).map_err(CompressError::Plan)?),
+        None => None,
+    };
     let groups = group_tensors(ckpt.tensors.keys().map(String::as_str));
-    let n = groups.len();
-    let mut tasks = Vec::with_capacity(n);
-    for (i, g) in groups.into_iter().enumerate() {
+    let mut tasks = Vec::with_capacity(groups.len());
+    for g in groups {
         let mut inputs: Vec<TaskInput> = Vec::new();
         let mut tensors = Vec::with_capacity(g.tensors.len());
         for name in &g.tensors {
             let Some((shard, info)) = ckpt.info(name) else {
                 continue;
+            };
+            let (out_name, slice) = match structure.as_ref().map(|s| s.fate(name)) {
+                Some(Fate::Drop) => continue,
+                Some(Fate::Keep { name: out, slice }) => ((out != *name).then_some(out), slice),
+                None => (None, None),
             };
             let input = match inputs.iter().position(|f| f.file == shard.file_name) {
                 Some(i) => i,
@@ -156,18 +195,40 @@ pub fn plan_job(ckpt: &Checkpoint, recipe: &Recipe) -> Result<JobPlan, CompressE
                     inputs.len() - 1
                 }
             };
-            tensors.push(PlannedTensor {
+            let mut planned = PlannedTensor {
                 input,
                 info: info.clone(),
-                action: recipe.resolve(info),
-            });
+                action: TensorAction::Keep(crate::recipe::KeepReason::NoRule),
+                out_name,
+                slice,
+            };
+            planned.action = recipe
+                .resolve(&planned.out_info())
+                .map_err(|e| CompressError::Plan(format!("recipe {}: {e}", recipe.name)))?;
+            tensors.push(planned);
         }
+        if tensors.is_empty() {
+            continue;
+        }
+        let cut = structure.as_ref().and_then(|s| {
+            let names: Vec<&str> = tensors.iter().map(|t| t.info.name.as_str()).collect();
+            s.layer_cut(&names)
+        });
+        let key = match &cut {
+            Some(c) => format!("{}.{}", crate::structured::STACK, c.output_layer),
+            None => g.key,
+        };
         tasks.push(TaskSpec {
-            key: g.key,
-            file_name: shard_file_name(i + 1, n),
+            key,
+            file_name: String::new(),
             inputs,
             tensors,
+            cut,
         });
+    }
+    let n = tasks.len();
+    for (i, t) in tasks.iter_mut().enumerate() {
+        t.file_name = shard_file_name(i + 1, n);
     }
     Ok(JobPlan { tasks })
 }
@@ -224,21 +285,46 @@ impl Progress for NoProgress {
     fn advance(&self, _bytes: u64) {}
 }
 
-fn describe(action: &TensorAction) -> (&'static str, String) {
+/// Report action name and detail of an action, e.g. ("quantize", "int4 sym group 128, …").
+pub fn describe(action: &TensorAction) -> (&'static str, String) {
     match action {
         TensorAction::Keep(r) => ("keep", r.to_string()),
         TensorAction::Cast(d) => ("cast", d.to_string()),
-        TensorAction::Quantize(p) => {
-            let strat = match p.strategy {
-                Strategy::Tensor => "tensor".to_string(),
-                Strategy::Channel => "channel".to_string(),
-                Strategy::Group(g) => format!("group {g}"),
+        TensorAction::Prune(p) => (
+            "prune",
+            format!("{}, {}", p.method.describe(), p.storage.format_name()),
+        ),
+        TensorAction::Quantize(q) => {
+            let weights = match q.weights {
+                WeightQuant::Int(p) => {
+                    let strat = match p.strategy {
+                        Strategy::Tensor => "tensor".to_string(),
+                        Strategy::Channel => "channel".to_string(),
+                        Strategy::Group(g) => format!("group {g}"),
+                    };
+                    let sym = if p.symmetric { "sym" } else { "asym" };
+                    format!(
+                        "int{} {sym} {strat}, {} scale, {}",
+                        p.bits,
+                        p.scale_dtype,
+                        p.observer.name()
+                    )
+                }
+                WeightQuant::Float(p) => format!(
+                    "{} {}, {} scale",
+                    p.format.dtype(),
+                    if p.per_channel { "channel" } else { "tensor" },
+                    p.scale_dtype
+                ),
             };
-            let sym = if p.symmetric { "sym" } else { "asym" };
-            (
-                "quantize",
-                format!("int{} {sym} {strat}, {} scale", p.bits, p.scale_dtype),
-            )
+            let mut d = format!("{weights}, {}", q.format().name());
+            if let Some(a) = q.activations {
+                d.push_str(&format!(", dynamic {a:?} activations").to_lowercase());
+            }
+            if let Some(m) = q.prune {
+                d = format!("{} then {d}", m.describe());
+            }
+            ("quantize", d)
         }
     }
 }
@@ -259,8 +345,12 @@ pub fn run_task<W: Write>(
     let specs: Vec<_> = group
         .tensors
         .iter()
-        .flat_map(|t| output_specs(&t.info, &t.action))
+        .flat_map(|t| output_specs(&t.out_info(), &t.action))
         .collect();
+    let units = match &task.cut {
+        Some(cut) => choose_layer_units(task, sources, cut)?,
+        None => KeptUnits::default(),
+    };
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let mut writer = ShardWriter::new(sink, specs, &metadata).map_err(wrap)?;
     let mut rows = Vec::with_capacity(group.tensors.len());
@@ -268,9 +358,17 @@ pub fn run_task<W: Write>(
         if progress.cancelled() {
             return Err(CompressError::Cancelled);
         }
-        let bytes = read_tensor(sources, task, t)?;
+        let mut bytes = read_tensor(sources, task, t)?;
+        let info = t.out_info();
+        if let Some(slice) = &t.slice {
+            let kept = match slice.unit {
+                Unit::Mlp => &units.mlp,
+                Unit::Heads => &units.heads,
+            };
+            bytes = gather(&t.info, &bytes, slice, kept);
+        }
         let encoded =
-            transform(&t.info, &t.action, &bytes).map_err(|source| CompressError::Transform {
+            transform(&info, &t.action, &bytes).map_err(|source| CompressError::Transform {
                 // read_tensor succeeded, so the source exists.
                 file: sources[t.input].name().to_string(),
                 source,
@@ -290,10 +388,11 @@ pub fn run_task<W: Write>(
             action: action.to_string(),
             detail,
             dtype: t.info.dtype.to_string(),
-            shape: t.info.shape.clone(),
+            shape: info.shape.clone(),
             bytes_in: t.info.byte_len(),
             bytes_out,
             outputs,
+            pruned: encoded.pruned,
             error: encoded.stats.summary(),
         });
         progress.advance(t.info.byte_len());
@@ -302,7 +401,42 @@ pub fn run_task<W: Write>(
     Ok(TaskOutput {
         tensors: rows,
         file_bytes: len,
+        layer: task.cut.as_ref().map(|c| LayerReport {
+            source_layer: c.source_layer,
+            output_layer: c.output_layer,
+            mlp_kept: units.mlp,
+            kv_heads_kept: units.heads,
+        }),
     })
+}
+
+/// Units a layer keeps.
+#[derive(Debug, Default)]
+struct KeptUnits {
+    mlp: Vec<u64>,
+    heads: Vec<u64>,
+}
+
+/// Ranks a layer's neurons and head groups from its weights.
+fn choose_layer_units(
+    task: &TaskSpec,
+    sources: &[Arc<dyn ByteSource>],
+    cut: &LayerCut,
+) -> Result<KeptUnits, CompressError> {
+    let mut kept = KeptUnits::default();
+    for (unit, slot) in [(&cut.mlp, &mut kept.mlp), (&cut.heads, &mut kept.heads)] {
+        let Some(unit) = unit else { continue };
+        let mut scores = vec![0f64; unit.units as usize];
+        for scorer in &unit.scorers {
+            let Some(t) = task.tensors.get(scorer.tensor) else {
+                continue;
+            };
+            let bytes = read_tensor(sources, task, t)?;
+            add_scores(&t.info, &bytes, scorer, &mut scores);
+        }
+        *slot = choose_units(&scores, unit.keep);
+    }
+    Ok(kept)
 }
 
 /// What a finished task produced.
@@ -312,6 +446,9 @@ pub struct TaskOutput {
     pub tensors: Vec<TensorReport>,
     /// Length of the output shard.
     pub file_bytes: u64,
+    /// What structured pruning kept in this layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<LayerReport>,
 }
 
 /// What the finalizer needs besides the task outputs.
@@ -355,11 +492,18 @@ pub fn finalize_metadata(
     outputs: Vec<TaskOutput>,
     files: &JobFiles,
 ) -> Finalized {
+    // Planning validated the structure against this same config.
+    let structure = match (&recipe.structured, &files.config) {
+        (Some(spec), Some(config)) => Structure::from_config(config, spec).ok(),
+        _ => None,
+    };
     let mut weight_map: Vec<(String, Value)> = Vec::new();
     let mut total_size = 0u64;
     let mut shards = Vec::with_capacity(tasks.len());
     let mut tensors = Vec::new();
+    let mut layers = Vec::new();
     for (g, out) in tasks.iter().zip(outputs) {
+        layers.extend(out.layer);
         let mut count = 0;
         for r in &out.tensors {
             for o in &r.outputs {
@@ -381,14 +525,12 @@ pub fn finalize_metadata(
         "metadata": { "total_size": total_size },
         "weight_map": weight_map.into_iter().collect::<serde_json::Map<_, _>>(),
     });
-    let actions: Vec<(&TensorInfo, TensorAction)> = tasks
+    let out_infos: Vec<(TensorInfo, TensorAction)> = tasks
         .iter()
-        .flat_map(|g| g.tensors.iter().map(|t| (&t.info, t.action)))
+        .flat_map(|g| g.tensors.iter().map(|t| (t.out_info(), t.action)))
         .collect();
-    let config = files
-        .config
-        .as_ref()
-        .map(|c| hf_config::rewrite(c, &actions));
+    let actions: Vec<(&TensorInfo, TensorAction)> =
+        out_infos.iter().map(|(i, a)| (i, *a)).collect();
     let mut report = Report {
         report_version: REPORT_VERSION,
         shardpress_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -399,8 +541,19 @@ pub fn finalize_metadata(
         tensors,
         copied_files: files.other_files.clone(),
         skipped_files: files.skipped_files.clone(),
+        structured: recipe.structured.as_ref().map(|s| StructuredReport {
+            dropped_layers: s.drop_layers.clone(),
+            layers,
+        }),
     };
     report.compute_totals();
+    let config = files.config.as_ref().map(|c| {
+        let c = hf_config::rewrite(c, &actions, report.totals.global_sparsity);
+        match structure {
+            Some(s) => s.rewrite_config(&c),
+            None => c,
+        }
+    });
     Finalized {
         index,
         config,
@@ -434,7 +587,7 @@ fn io_out(path: &Path) -> impl Fn(std::io::Error) -> CompressError + '_ {
 }
 
 /// Refuses outputs that would overwrite or nest with the input.
-fn check_output(input: &Path, out: &Path, overwrite: bool) -> Result<PathBuf, CompressError> {
+pub(crate) fn check_output(input: &Path, out: &Path, overwrite: bool) -> Result<PathBuf, CompressError> {
     let input_abs = fs::canonicalize(input).map_err(io_out(input))?;
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -473,6 +626,21 @@ fn check_output(input: &Path, out: &Path, overwrite: bool) -> Result<PathBuf, Co
     Ok(out_abs)
 }
 
+/// Creates an empty staging directory next to `out_abs`, renamed into place when complete.
+pub(crate) fn staging_dir(out_abs: &Path) -> Result<PathBuf, CompressError> {
+    let name = out_abs
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parent = out_abs.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let staging = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    if staging.exists() {
+        fs::remove_dir_all(&staging).map_err(io_out(&staging))?;
+    }
+    fs::create_dir_all(&staging).map_err(io_out(&staging))?;
+    Ok(staging)
+}
+
 /// Compresses a local checkpoint into `out`, returning the report.
 pub fn compress_local(
     input: &Path,
@@ -484,16 +652,7 @@ pub fn compress_local(
     let ckpt = Checkpoint::open_local(input)?;
     let out_abs = check_output(input, out, opts.overwrite)?;
     let plan = plan_job(&ckpt, recipe)?;
-    let name = out_abs
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let parent = out_abs.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let staging = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    if staging.exists() {
-        fs::remove_dir_all(&staging).map_err(io_out(&staging))?;
-    }
-    fs::create_dir_all(&staging).map_err(io_out(&staging))?;
+    let staging = staging_dir(&out_abs)?;
     let result = write_all(&ckpt, recipe, &plan, &staging, progress);
     match result {
         Ok(report) => {
@@ -562,7 +721,7 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), CompressError> {
 
 /// Moves the finished staging directory into place, replacing an old output only after the
 /// new one is complete.
-fn publish(staging: &Path, out: &Path) -> Result<(), CompressError> {
+pub(crate) fn publish(staging: &Path, out: &Path) -> Result<(), CompressError> {
     if out.exists() {
         let old = staging.with_extension("old");
         fs::rename(out, &old).map_err(io_out(out))?;

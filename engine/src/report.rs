@@ -25,6 +25,12 @@ pub struct Totals {
     pub cast: u64,
     /// Tensors copied unchanged.
     pub kept: u64,
+    /// Tensors pruned (alone or before quantization).
+    #[serde(default)]
+    pub pruned: u64,
+    /// Zeros over the elements of pruned tensors; 0 when nothing was pruned.
+    #[serde(default)]
+    pub global_sparsity: f64,
 }
 
 /// One output shard.
@@ -61,6 +67,9 @@ pub struct TensorReport {
     pub bytes_out: u64,
     /// Output tensor names.
     pub outputs: Vec<String>,
+    /// Elements removed by pruning, when pruned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pruned: Option<u64>,
     /// Reconstruction error.
     #[serde(flatten)]
     pub error: ErrorSummary,
@@ -87,21 +96,56 @@ pub struct Report {
     pub copied_files: Vec<String>,
     /// Files left out (weights in other formats, unreferenced shards).
     pub skipped_files: Vec<String>,
+    /// Structured pruning: what each layer kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub structured: Option<StructuredReport>,
+}
+
+/// What structured pruning removed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StructuredReport {
+    /// Input layer indices dropped.
+    pub dropped_layers: Vec<u64>,
+    /// Per kept layer, in output order.
+    pub layers: Vec<LayerReport>,
+}
+
+/// The neurons and heads one layer kept.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LayerReport {
+    /// Index in the input.
+    pub source_layer: u64,
+    /// Index in the output.
+    pub output_layer: u64,
+    /// MLP neurons kept (input indices, ascending); empty when MLPs were not pruned.
+    pub mlp_kept: Vec<u64>,
+    /// Key/value heads kept (input indices, ascending); empty when heads were not pruned.
+    pub kv_heads_kept: Vec<u64>,
 }
 
 impl Report {
     /// Recomputes totals from the tensor rows.
     pub fn compute_totals(&mut self) {
         let mut t = Totals::default();
+        let (mut zeros, mut elements) = (0u64, 0u64);
         for r in &self.tensors {
+            if let Some(z) = r.pruned {
+                t.pruned += 1;
+                zeros += z;
+                elements += r.shape.iter().product::<u64>();
+            }
             t.tensors += 1;
             t.bytes_in += r.bytes_in;
             t.bytes_out += r.bytes_out;
             match r.action.as_str() {
                 "quantize" => t.quantized += 1,
                 "cast" => t.cast += 1,
+                "prune" => {}
                 _ => t.kept += 1,
             }
+        }
+        if elements > 0 {
+            t.global_sparsity = zeros as f64 / elements as f64;
         }
         t.ratio = if t.bytes_out == 0 {
             0.0

@@ -21,7 +21,7 @@ use proptest::test_runner::Config;
 
 use shardpress_engine::dtype::DType;
 use shardpress_engine::kernels::int_quant::{
-    quantize, IntParams, IntQuantized, QuantError, Strategy as Sharing,
+    quantize, IntParams, IntQuantized, Observer, QuantError, Strategy as Sharing,
 };
 use shardpress_engine::safetensors::{read_header, ShardHeader, ShardWriter, TensorSpec};
 use shardpress_engine::source::MemSource;
@@ -449,17 +449,21 @@ fn quant_case() -> impl Strategy<Value = (u64, u64, Vec<f32>, IntParams)> {
             proptest::sample::select(vec![1u64, 2, 3, 4, 8, 16, 32, 128]).prop_map(Sharing::Group),
         ];
         let params = (
-            proptest::sample::select(vec![2u8, 4, 8]),
+            2u8..=8,
             any::<bool>(),
             strategy,
             proptest::sample::select(vec![DType::F32, DType::F32, DType::BF16, DType::F16]),
+            proptest::sample::select(vec![Observer::Minmax, Observer::Mse]),
         )
-            .prop_map(|(bits, symmetric, strategy, scale_dtype)| IntParams {
-                bits,
-                symmetric,
-                strategy,
-                scale_dtype,
-            });
+            .prop_map(
+                |(bits, symmetric, strategy, scale_dtype, observer)| IntParams {
+                    bits,
+                    symmetric,
+                    strategy,
+                    scale_dtype,
+                    observer,
+                },
+            );
         (
             Just(rows),
             Just(cols),
@@ -603,6 +607,7 @@ fn quantize_known_small_case() {
         symmetric: false,
         strategy: Sharing::Channel,
         scale_dtype: DType::F32,
+        observer: Observer::Minmax,
     };
     let q = quantize(&w, 1, 4, &p).expect("quantize");
     assert_eq!(q.scales, vec![3.0 / 15.0]);

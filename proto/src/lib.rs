@@ -12,4 +12,4 @@ pub mod v1 {
         tonic::include_file_descriptor_set!("shardpress_descriptor");
 }
 
-pub mod recipe;
+

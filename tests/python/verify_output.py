@@ -49,6 +49,9 @@ DTYPES: dict[str, tuple[str, int]] = {
     "U16": ("<u2", 2),
     "U8": ("u1", 1),
     "BOOL": ("?", 1),
+    # numpy has no 8-bit floats: the raw 8-bit patterns are held as uint8.
+    "F8_E4M3": ("u1", 1),
+    "F8_E5M2": ("u1", 1),
 }
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 

@@ -224,6 +224,7 @@ fn classify(e: CompressError, progress: &TaskProgress) -> Outcome {
         CompressError::Write { .. }
         | CompressError::Transform { .. }
         | CompressError::Checkpoint(_)
+        | CompressError::Plan(_)
         | CompressError::Output { .. } => false,
     };
     Outcome::Failed {
@@ -430,6 +431,12 @@ async fn complete(
         output_bytes: done.bytes,
         sha256: done.sha256.clone(),
         tensors_json,
+        layer_json: done
+            .output
+            .layer
+            .as_ref()
+            .and_then(|l| serde_json::to_string(l).ok())
+            .unwrap_or_default(),
     };
     let result = with_retries("CompleteTask", || {
         let mut client = client.clone();

@@ -16,33 +16,56 @@ RECIPES
   A recipe is a preset name or a TOML file of ordered rules. Each tensor takes the action of the
   first rule whose targets match its name (globs, or regexes written \"re:...\"). Tensors matching
   `ignore` (default: norms, biases, embeddings, lm_head), 1-D tensors, non-float tensors and
-  tensors no rule matches are copied byte for byte.
+  tensors no rule matches are copied byte for byte. Prune and quantize apply to 2-D .weight
+  matrices only.
 
     name = \"my-w4\"
     ignore = [\"re:(?i).*norm.*\", \"*.bias\", \"re:.*embed.*\", \"lm_head.weight\"]
     [[rules]]
     targets = [\"re:.*layers\\\\.0\\\\..*\"]      # keep the first block in full precision
-    action = \"keep\"
+    action = \"keep\"                            # keep | cast | prune | quantize
     [[rules]]
     targets = [\"*.weight\"]
-    action = \"quantize\"                        # or \"cast\" (dtype = \"bf16\"|\"f16\"|\"f32\") or \"keep\"
-    bits = 4                                   # 2, 4 or 8
-    symmetric = true
+    action = \"quantize\"
+    type = \"int\"                               # int (2-8 bits) | float (FP8)
+    bits = 4                                   # 2 to 8
+    symmetric = true                           # false: scale and zero point
     strategy = \"group\"                         # tensor | channel | group
-    group_size = 128
+    group_size = 128                           # any size; a ragged last group is fine
     scale_dtype = \"auto\"                       # auto (the tensor's dtype) | f32 | f16 | bf16
+    observer = \"minmax\"                        # minmax | mse (least-squares clipping range)
+    activations = \"none\"                       # none | token | tensor: dynamic 8-bit activations
+                                               #   (int: needs bits = 8; float: format = e4m3|e5m2)
+    prune = \"2:4\"                              # optional, before quantizing: \"magnitude\" | \"N:M\"
+    indivisible = \"dense\"                      # N:M on columns not divisible by M: error | dense
+  Pruning alone: action = \"prune\", prune = \"magnitude\" with sparsity = 0.5 and
+  prune_scope = \"tensor\"|\"row\", or prune = \"N:M\"; storage = \"bitmask\" (sparse-bitmask) or
+  \"dense\" (zeros in place).
+  Structured pruning (Llama-style models, coupled tensors pruned together in every layer):
+    [structured]
+    mlp_ratio = 0.25                           # MLP neurons removed per layer
+    head_ratio = 0.25                          # attention heads removed, in key/value groups
+    drop_layers = [30, 31]                     # whole layers removed; config.json follows
 
-PRESETS (`shardpress recipes NAME` prints one as TOML)
-  bf16    cast all float tensors to bfloat16        ~0.5x of f32 input; loads anywhere
-  fp16    cast all float tensors to float16         ~0.5x of f32 input; loads anywhere
-  w8a16   int8 weights, per output channel          ~0.25x of f32, ~0.5x of bf16; vLLM (compressed-tensors)
-  w4a16   int4 weights, groups of 128 columns       ~0.13x of f32, ~0.27x of bf16; vLLM (compressed-tensors)
+PRESETS (`shardpress recipes NAME` prints one as TOML; sizes relative to bf16 weights)
+  bf16        cast all float tensors to bfloat16           loads anywhere
+  fp16        cast all float tensors to float16            loads anywhere
+  w8a16       int8 per output channel, pack-quantized      ~0.5x; vLLM, Transformers
+  w8a16-mse   w8a16 with the mse observer                  ~0.5x; vLLM, Transformers
+  w4a16       int4 sym, groups of 128, pack-quantized      ~0.27x; vLLM, Transformers
+  w4a16-asym  int4 asym (zero points), groups of 128       ~0.28x; vLLM, Transformers
+  w8a8        int8 per channel + dynamic per-token int8    ~0.5x; vLLM int-quantized
+  fp8         e4m3 per channel + dynamic per-token fp8     ~0.5x; vLLM float-quantized
+  sparse50    50% magnitude pruning, sparse-bitmask        ~0.56x; Transformers (compressed-tensors)
+  2of4        2:4 pruning, sparse-bitmask                  ~0.56x; Transformers (compressed-tensors)
+  2of4-w4a16  2:4 pruning then int4 g128, zeros exact      ~0.27x; vLLM, Transformers
+  `shardpress decompress` turns any output back into a plain dense checkpoint.
 
 OUTPUT
   One safetensors shard per layer group (model-00001-of-000NN.safetensors), the index json,
-  config.json (with quantization_config when weights are quantized), every other file of the
-  input (tokenizer, ...) and report.json with per-tensor sizes and errors. The output is written
-  to a hidden staging directory and renamed into place only when complete.";
+  config.json (with quantization_config when weights are quantized or pruned), every other file
+  of the input (tokenizer, ...) and report.json with per-tensor sizes and errors. The output is
+  written to a hidden staging directory and renamed into place only when complete.";
 
 /// Compress a checkpoint on this machine, without a database or object store.
 #[derive(Debug, clap::Args)]
@@ -52,7 +75,7 @@ pub struct Args {
     /// or a single .safetensors file.
     input: PathBuf,
 
-    /// Preset name (bf16, fp16, w8a16, w4a16) or path to a recipe TOML file.
+    /// Preset name (see `shardpress recipes`) or path to a recipe TOML file.
     #[arg(long, short, env = "SHARDPRESS_RECIPE")]
     recipe: String,
 

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use shardpress_engine::pipeline::plan_job;
+use shardpress_engine::pipeline::{describe, plan_job};
 use shardpress_engine::recipe::TensorAction;
 use shardpress_engine::{Checkpoint, Recipe};
 
@@ -37,17 +37,25 @@ pub fn run(args: Args) -> Result<()> {
     for g in &plan.tasks {
         println!("{}  [{}]  {}", g.file_name, g.key, human(g.bytes_in()));
         for t in &g.tensors {
+            let (kind, detail) = describe(&t.action);
             let action = match &t.action {
-                TensorAction::Keep(r) => format!("keep ({r})"),
-                TensorAction::Cast(d) => format!("cast to {d}"),
-                TensorAction::Quantize(p) => format!("quantize int{} {:?}", p.bits, p.strategy),
+                TensorAction::Keep(_) => format!("keep ({detail})"),
+                TensorAction::Cast(_) => format!("cast to {detail}"),
+                _ => format!("{kind} {detail}"),
+            };
+            let out = t.out_info();
+            let renamed = if out.name != t.info.name || out.shape != t.info.shape {
+                format!("  -> {} {:?}", out.name, out.shape)
+            } else {
+                String::new()
             };
             println!(
-                "    {:<60} {:<5} {:<16} {}",
+                "    {:<60} {:<5} {:<16} {}{}",
                 t.info.name,
                 t.info.dtype.to_string(),
                 format!("{:?}", t.info.shape),
-                action
+                action,
+                renamed
             );
         }
     }

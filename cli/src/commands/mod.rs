@@ -2,6 +2,7 @@
 
 pub mod cancel;
 pub mod compress;
+pub mod decompress;
 pub mod coordinator;
 pub mod inspect;
 pub mod list;

@@ -6,7 +6,7 @@ use anyhow::{anyhow, bail, Result};
 use serde_json::json;
 use shardpress_engine::recipe::preset;
 use shardpress_engine::Recipe;
-use shardpress_proto::v1::{recipe, RecipeSpec, SubmitJobRequest};
+use shardpress_proto::v1::{recipe, SubmitJobRequest};
 use shardpress_storage::S3Uri;
 
 use crate::service::{job_client, rpc_error, runtime, ClientArgs, OutputFormat};
@@ -62,7 +62,7 @@ pub fn recipe_message(spec: &str) -> Result<shardpress_proto::v1::Recipe> {
         recipe::Source::Preset(spec.to_string())
     } else {
         let recipe = Recipe::load(spec)?;
-        recipe::Source::Spec(RecipeSpec::from(&recipe.source))
+        recipe::Source::Toml(recipe.to_toml())
     };
     Ok(shardpress_proto::v1::Recipe {
         source: Some(source),
@@ -128,7 +128,6 @@ mod tests {
     use super::*;
     use clap::Parser;
     use shardpress_engine::recipe::RecipeFile;
-    use shardpress_proto::recipe::recipe_file;
 
     #[derive(Debug, Parser)]
     struct Cli {
@@ -155,17 +154,15 @@ mod tests {
         let text = "name = \"mine\"\nignore = []\n\n[[rules]]\ntargets = [\"*.weight\"]\naction = \"quantize\"\nbits = 4\nstrategy = \"group\"\ngroup_size = 64\n";
         std::fs::write(&path, text).expect("write");
         let m = recipe_message(path.to_str().expect("utf-8")).expect("file");
-        let Some(recipe::Source::Spec(spec)) = m.source else {
+        let Some(recipe::Source::Toml(sent)) = m.source else {
             panic!("expected a full recipe, got {:?}", m.source);
         };
-        assert_eq!(spec.name.as_deref(), Some("mine"));
-        assert!(spec.has_ignore && spec.ignore.is_empty());
-        assert_eq!(spec.rules.len(), 1);
-        assert_eq!(spec.rules[0].bits, Some(4));
-        assert_eq!(spec.rules[0].group_size, Some(64));
-        // The message carries exactly the file as written.
+        // The message carries exactly the recipe as written.
+        let sent: RecipeFile = toml::from_str(&sent).expect("toml");
         let file: RecipeFile = toml::from_str(text).expect("toml");
-        assert_eq!(recipe_file(&spec).expect("back"), file);
+        assert_eq!(sent, file);
+        assert_eq!(sent.rules[0].group_size, Some(64));
+        assert_eq!(sent.ignore, Some(vec![]));
     }
 
     #[test]
@@ -178,7 +175,7 @@ mod tests {
         )
         .expect("write");
         let e = recipe_message(path.to_str().expect("utf-8")).expect_err("bad bits");
-        assert!(e.to_string().contains("bits must be 2, 4 or 8"), "{e}");
+        assert!(e.to_string().contains("bits must be 2 to 8"), "{e}");
         let e = recipe_message("no-such-recipe").expect_err("missing");
         assert!(e.to_string().contains("not a preset"), "{e}");
     }

@@ -1,8 +1,14 @@
-//! Integer weight quantization (2, 4 or 8 bits; symmetric or asymmetric; per tensor, per
-//! output channel or per group of columns) with packing into 32-bit words.
+//! Integer weight quantization (2 to 8 bits; symmetric or asymmetric; per tensor, per output
+//! channel or per group of columns) with packing into 32-bit words.
 //!
 //! Values are stored offset-binary (`q + 2^(bits-1)`) and packed LSB-first along each row,
-//! `32 / bits` values per little-endian word, the last word of a row zero-padded.
+//! `32 / bits` values per little-endian word (so a 3-bit word holds 10 values and its top two
+//! bits stay zero, as compressed-tensors packs them), the last word of a row zero-padded.
+//!
+//! The clipping range of each parameter group comes from an [`Observer`]: `minmax` takes the
+//! group's range as is; `mse` tries ranges shrunk toward zero and keeps the one whose
+//! quantization has the least squared error (the full range is one of the candidates, so it
+//! never does worse than `minmax`).
 
 use rayon::prelude::*;
 
@@ -22,10 +28,43 @@ pub enum Strategy {
     Group(u64),
 }
 
+/// How the clipping range of a parameter group is chosen.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Observer {
+    /// The group's minimum and maximum.
+    #[default]
+    Minmax,
+    /// The shrunk range with the least squared quantization error.
+    Mse,
+}
+
+impl Observer {
+    /// Name used in recipes and `quantization_config`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Observer::Minmax => "minmax",
+            Observer::Mse => "mse",
+        }
+    }
+}
+
+/// Candidate ranges of the `mse` observer: the full range scaled by `1 - i / MSE_GRID` for
+/// `i` in `0..MSE_STEPS`, i.e. shrunk by up to 20%.
+const MSE_GRID: f32 = 100.0;
+const MSE_STEPS: u32 = 20;
+
+/// Smallest and largest bit width.
+pub const MIN_BITS: u8 = 2;
+/// Largest bit width.
+pub const MAX_BITS: u8 = 8;
+
 /// Integer quantization parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct IntParams {
-    /// Bit width: 2, 4 or 8.
+    /// Bit width, 2 to 8.
     pub bits: u8,
     /// Symmetric (no zero point) or asymmetric.
     pub symmetric: bool,
@@ -33,6 +72,9 @@ pub struct IntParams {
     pub strategy: Strategy,
     /// Type the scales are stored in; quantization uses the stored (rounded) scale.
     pub scale_dtype: DType,
+    /// Range observer.
+    #[serde(default)]
+    pub observer: Observer,
 }
 
 impl IntParams {
@@ -140,11 +182,7 @@ pub fn quantize(
     let mut zero_points = vec![0i8; (prow * pcols) as usize];
 
     let global = if p.strategy == Strategy::Tensor {
-        let (lo, hi) = w
-            .par_iter()
-            .fold(|| (0f32, 0f32), |(lo, hi), &x| (lo.min(x), hi.max(x)))
-            .reduce(|| (0f32, 0f32), |a, b| (a.0.min(b.0), a.1.max(b.1)));
-        let (s, z) = params_for(lo, hi, p).map_err(|scale| QuantError::Scale {
+        let (s, z) = choose_tensor_params(w, cols_us, p).map_err(|scale| QuantError::Scale {
             row: 0,
             group: 0,
             scale,
@@ -170,10 +208,7 @@ pub fn quantize(
             .enumerate()
             .map(|(r, (((row, out), sc), zp))| {
                 for (g, chunk) in row.chunks(group).enumerate() {
-                    let (lo, hi) = chunk
-                        .iter()
-                        .fold((0f32, 0f32), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-                    let (s, z) = params_for(lo, hi, p).map_err(|scale| QuantError::Scale {
+                    let (s, z) = choose_params(chunk, p).map_err(|scale| QuantError::Scale {
                         row: r as u64,
                         group: g as u64,
                         scale,
@@ -196,6 +231,84 @@ pub fn quantize(
         zero_points,
         stats,
     })
+}
+
+fn range_of(values: &[f32]) -> (f32, f32) {
+    values
+        .iter()
+        .fold((0f32, 0f32), |(lo, hi), &x| (lo.min(x), hi.max(x)))
+}
+
+/// Squared error of quantizing `values` with scale `s` and zero point `z`.
+fn group_sq_err(values: &[f32], s: f32, z: i8, p: &IntParams) -> f64 {
+    let (qmin, qmax) = p.qrange();
+    let z = i32::from(z);
+    values
+        .iter()
+        .map(|&x| {
+            let q = ((x / s).round_ties_even() as i32 + z).clamp(qmin, qmax);
+            let d = f64::from(x) - f64::from((q - z) as f32 * s);
+            d * d
+        })
+        .sum()
+}
+
+/// Scale and zero point of one parameter group, as the observer picks them.
+fn choose_params(values: &[f32], p: &IntParams) -> Result<(f32, i8), f32> {
+    let (lo, hi) = range_of(values);
+    match p.observer {
+        Observer::Minmax => params_for(lo, hi, p),
+        Observer::Mse => {
+            let mut best = params_for(lo, hi, p)?;
+            let mut best_err = group_sq_err(values, best.0, best.1, p);
+            for i in 1..MSE_STEPS {
+                let shrink = 1.0 - i as f32 / MSE_GRID;
+                let cand = params_for(lo * shrink, hi * shrink, p)?;
+                let err = group_sq_err(values, cand.0, cand.1, p);
+                // Strictly better only: ties keep the wider range, deterministically.
+                if err < best_err {
+                    best = cand;
+                    best_err = err;
+                }
+            }
+            Ok(best)
+        }
+    }
+}
+
+/// [`choose_params`] over a whole matrix, with partial sums taken per row and added in row
+/// order so the result does not depend on the thread count.
+fn choose_tensor_params(w: &[f32], cols: usize, p: &IntParams) -> Result<(f32, i8), f32> {
+    let (lo, hi) = w
+        .par_chunks(cols.max(1))
+        .map(range_of)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .fold((0f32, 0f32), |(lo, hi), (a, b)| (lo.min(a), hi.max(b)));
+    let tensor_err = |s: f32, z: i8| -> f64 {
+        w.par_chunks(cols.max(1))
+            .map(|row| group_sq_err(row, s, z, p))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .sum()
+    };
+    match p.observer {
+        Observer::Minmax => params_for(lo, hi, p),
+        Observer::Mse => {
+            let mut best = params_for(lo, hi, p)?;
+            let mut best_err = tensor_err(best.0, best.1);
+            for i in 1..MSE_STEPS {
+                let shrink = 1.0 - i as f32 / MSE_GRID;
+                let cand = params_for(lo * shrink, hi * shrink, p)?;
+                let err = tensor_err(cand.0, cand.1);
+                if err < best_err {
+                    best = cand;
+                    best_err = err;
+                }
+            }
+            Ok(best)
+        }
+    }
 }
 
 /// Scale and zero point for a group whose range (including 0) is `lo..=hi`; the scale is the
@@ -259,6 +372,23 @@ fn encode_row(
     stats
 }
 
+/// Unpacks `rows × cols` signed values from packed rows.
+pub fn unpack_values(packed: &[u32], rows: u64, cols: u64, bits: u8) -> Vec<i8> {
+    let pf = (32 / u32::from(bits)) as usize;
+    let wpr = (cols as usize).div_ceil(pf);
+    let offset = 1i32 << (bits - 1);
+    let mask = (1u32 << bits) - 1;
+    let mut out = Vec::with_capacity((rows * cols) as usize);
+    for r in 0..rows as usize {
+        let row = &packed[r * wpr..(r + 1) * wpr];
+        for c in 0..cols as usize {
+            let u = (row[c / pf] >> ((c % pf) as u32 * u32::from(bits))) & mask;
+            out.push((u as i32 - offset) as i8);
+        }
+    }
+    out
+}
+
 /// Packs signed zero points `[rows, cols]` offset-binary along the rows: word `(r / pf, c)`
 /// holds rows `r` of column `c` LSB-first. Result shape `[ceil(rows / pf), cols]`.
 pub fn pack_along_rows(values: &[i8], rows: u64, cols: u64, bits: u8) -> Vec<u32> {
@@ -298,6 +428,7 @@ mod tests {
             symmetric,
             strategy,
             scale_dtype: DType::F32,
+            observer: Observer::Minmax,
         }
     }
 

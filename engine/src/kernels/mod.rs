@@ -1,4 +1,8 @@
-//! Numeric kernels: element conversion and quantization.
+//! Numeric kernels: element conversion, integer and FP8 quantization, pruning masks and
+//! sparse bitmask storage.
 
+pub mod bitmask;
 pub mod convert;
+pub mod fp8;
 pub mod int_quant;
+pub mod prune;

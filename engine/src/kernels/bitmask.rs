@@ -1,0 +1,173 @@
+//! Sparse bitmask storage of a 2-D tensor (the compressed-tensors `sparse-bitmask` layout):
+//! the kept elements in row-major order, a bitmask of `[rows, ceil(cols / 8)]` bytes where
+//! bit `c % 8` of byte `c / 8` marks a kept element at column `c`, and per-row offsets into
+//! the values.
+//!
+//! The bitmask is the pruning mask, so the number of stored values is known when the job is
+//! planned (a kept element that happens to be zero is stored as a zero value; decoders that
+//! scatter values into the marked positions read it back the same). Works on raw element
+//! bytes of any width, so values are stored exactly as they were.
+
+/// A tensor in bitmask form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmaskTensor {
+    /// Non-zero elements' bytes, row-major.
+    pub values: Vec<u8>,
+    /// Number of non-zero elements.
+    pub nnz: u64,
+    /// `rows × ceil(cols / 8)` bytes.
+    pub bitmask: Vec<u8>,
+    /// Index of each row's first value.
+    pub row_offsets: Vec<i64>,
+}
+
+/// Bytes per row of the bitmask.
+pub fn mask_row_bytes(cols: u64) -> u64 {
+    cols.div_ceil(8)
+}
+
+/// Compresses `rows × cols` elements of `width` bytes each, keeping those `keep` marks.
+pub fn compress(bytes: &[u8], keep: &[bool], rows: u64, cols: u64, width: usize) -> BitmaskTensor {
+    let cols_us = cols as usize;
+    let mrow = mask_row_bytes(cols) as usize;
+    let mut bitmask = vec![0u8; rows as usize * mrow];
+    let mut row_offsets = Vec::with_capacity(rows as usize);
+    let mut values = Vec::new();
+    let mut nnz = 0u64;
+    if cols_us == 0 || width == 0 {
+        row_offsets.resize(rows as usize, 0);
+        return BitmaskTensor {
+            values,
+            nnz,
+            bitmask,
+            row_offsets,
+        };
+    }
+    for (r, (row, kr)) in bytes
+        .chunks_exact(cols_us * width)
+        .zip(keep.chunks_exact(cols_us))
+        .enumerate()
+    {
+        row_offsets.push(nnz as i64);
+        let mask = &mut bitmask[r * mrow..(r + 1) * mrow];
+        for (c, (elem, k)) in row.chunks_exact(width).zip(kr).enumerate() {
+            if *k {
+                mask[c / 8] |= 1 << (c % 8);
+                values.extend_from_slice(elem);
+                nnz += 1;
+            }
+        }
+    }
+    BitmaskTensor {
+        values,
+        nnz,
+        bitmask,
+        row_offsets,
+    }
+}
+
+/// Why bitmask data cannot be expanded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BitmaskError {
+    /// The bitmask does not have `rows × ceil(cols/8)` bytes.
+    #[error("bitmask has {got} bytes, expected {want} for the shape")]
+    MaskSize {
+        /// Bytes present.
+        got: u64,
+        /// Bytes expected.
+        want: u64,
+    },
+    /// The set bits and the values disagree.
+    #[error("bitmask marks {marked} non-zero elements but {stored} values are stored")]
+    Count {
+        /// Set bits.
+        marked: u64,
+        /// Values present.
+        stored: u64,
+    },
+    /// A bit is set in the padding past the last column.
+    #[error("row {row}: bits set past the last column")]
+    Padding {
+        /// Row.
+        row: u64,
+    },
+}
+
+/// Expands bitmask data back into `rows × cols` elements of `width` bytes.
+pub fn expand(
+    values: &[u8],
+    mask: &[u8],
+    rows: u64,
+    cols: u64,
+    width: usize,
+) -> Result<Vec<u8>, BitmaskError> {
+    let mrow = mask_row_bytes(cols) as usize;
+    let want = rows as usize * mrow;
+    if mask.len() != want {
+        return Err(BitmaskError::MaskSize {
+            got: mask.len() as u64,
+            want: want as u64,
+        });
+    }
+    let marked: u64 = mask.iter().map(|b| u64::from(b.count_ones())).sum();
+    let stored = (values.len() / width.max(1)) as u64;
+    if marked != stored || values.len() % width.max(1) != 0 {
+        return Err(BitmaskError::Count { marked, stored });
+    }
+    let cols_us = cols as usize;
+    let mut out = vec![0u8; rows as usize * cols_us * width];
+    let mut next = 0usize;
+    for r in 0..rows as usize {
+        let m = &mask[r * mrow..(r + 1) * mrow];
+        for (byte_i, byte) in m.iter().enumerate() {
+            let mut bits = *byte;
+            while bits != 0 {
+                let bit = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let c = byte_i * 8 + bit;
+                if c >= cols_us {
+                    return Err(BitmaskError::Padding { row: r as u64 });
+                }
+                let at = (r * cols_us + c) * width;
+                out[at..at + width].copy_from_slice(&values[next..next + width]);
+                next += width;
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compress_layout_and_round_trip() {
+        // 2 × 10 f32, kept at (0,0), (0,9), (1,3).
+        let mut w = [0f32; 20];
+        w[0] = 1.5;
+        w[9] = -2.0;
+        w[13] = 0.25;
+        let keep: Vec<bool> = w.iter().map(|x| *x != 0.0).collect();
+        let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let b = compress(&bytes, &keep, 2, 10, 4);
+        assert_eq!(b.nnz, 3);
+        assert_eq!(b.bitmask, vec![0b0000_0001, 0b0000_0010, 0b0000_1000, 0]);
+        assert_eq!(b.row_offsets, vec![0, 2]);
+        let vals: Vec<f32> = b
+            .values
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert_eq!(vals, vec![1.5, -2.0, 0.25]);
+        let back = expand(&b.values, &b.bitmask, 2, 10, 4).expect("expand");
+        assert_eq!(back, bytes);
+        assert!(matches!(
+            expand(&b.values[..4], &b.bitmask, 2, 10, 4),
+            Err(BitmaskError::Count { marked: 3, stored: 1 })
+        ));
+        let mut bad = b.bitmask.clone();
+        bad[1] |= 0x80;
+        assert!(expand(&b.values, &bad, 2, 10, 4).is_err());
+    }
+}
