@@ -30,5 +30,8 @@ done <<< "$service_env"
 
 export SHARDPRESS_MODEL_DIR SHARDPRESS_PYTHON
 
+section "python checker self-tests"
+"$SHARDPRESS_PYTHON" -m unittest discover -s tests/python -q
+
 section "cargo test --workspace --locked"
 cargo test --workspace --locked "$@"

@@ -1,8 +1,8 @@
 //! End-to-end tests of `shardpress compress` on a real checkpoint,
 //! all-MiniLM-L6-v2 (a 6-layer BERT in F32 safetensors).
 //!
-//! The outputs are checked by `tests/python/verify_output.py`, a numpy decoder
-//! written from the format description alone. `scripts/test.sh` fetches the
+//! The outputs are checked by `tests/python/verify_output.py`, `decode_output.py` and
+//! `check_quality.py`: numpy decoders written from the format descriptions alone. `scripts/test.sh` fetches the
 //! model, builds the Python environment and sets the two variables read here:
 //!
 //! - `SHARDPRESS_MODEL_DIR`: the unpacked model directory
@@ -18,7 +18,25 @@ use std::process::{Command, Output};
 use safetensors::tensor::{Dtype, SafeTensors};
 use serde_json::Value;
 
-const PRESETS: [&str; 4] = ["w8a16", "w4a16", "bf16", "fp16"];
+/// Presets that quantize or prune, with the bounds `check_quality.py` enforces on the real
+/// checkpoint (relative Frobenius error of each 2-D weight, mean and max; sparsity; N:M).
+const COMPRESSION_PRESETS: [(&str, &str); 9] = [
+    ("w8a16", r#"{"mean_rel_max": 0.01, "max_rel_max": 0.025}"#),
+    (
+        "w8a16-mse",
+        r#"{"mean_rel_max": 0.01, "max_rel_max": 0.025}"#,
+    ),
+    ("w4a16", r#"{"mean_rel_max": 0.13, "max_rel_max": 0.15}"#),
+    (
+        "w4a16-asym",
+        r#"{"mean_rel_max": 0.13, "max_rel_max": 0.15}"#,
+    ),
+    ("w8a8", r#"{"mean_rel_max": 0.01, "max_rel_max": 0.025}"#),
+    ("fp8", r#"{"mean_rel_max": 0.05}"#),
+    ("sparse50", r#"{"sparsity": 0.5}"#),
+    ("2of4", r#"{"nm": [2, 4]}"#),
+    ("2of4-w4a16", r#"{"nm": [2, 4], "zeros_preserved": true}"#),
+];
 
 struct Setup {
     model: PathBuf,
@@ -385,7 +403,7 @@ fn fp16_real_model_verifies() {
 fn output_is_identical_across_thread_counts_and_input_is_untouched() {
     let setup = setup();
     let before = snapshot(&setup.model);
-    for recipe in PRESETS {
+    for recipe in shardpress_engine::recipe::preset_names() {
         let tmp = temp_dir();
         let one = tmp.path().join("threads-1");
         let two = tmp.path().join("threads-2");
@@ -518,4 +536,181 @@ fn verifier_rejects_corrupted_outputs() {
             describe(&output)
         );
     }
+}
+
+fn python_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/python")
+        .join(name)
+}
+
+/// Runs a checker script, requires success and returns its JSON summary.
+fn run_checker(setup: &Setup, script: &str, args: &[&std::ffi::OsStr]) -> Value {
+    let output = Command::new(&setup.python)
+        .arg(python_script(script))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", setup.python.display()));
+    assert!(
+        output.status.success(),
+        "{script} {args:?} failed\n{}",
+        describe(&output)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{script} printed no JSON summary: {e}\n{}",
+            describe(&output)
+        )
+    })
+}
+
+fn decompress(out: &Path, dense: &Path, dtype: &str) {
+    let output = Command::new(env!("CARGO_BIN_EXE_shardpress"))
+        .arg("decompress")
+        .arg(out)
+        .arg("--out")
+        .arg(dense)
+        .args(["--dtype", dtype])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run shardpress: {e}"));
+    assert!(
+        output.status.success(),
+        "shardpress decompress {} failed\n{}",
+        out.display(),
+        describe(&output)
+    );
+}
+
+#[test]
+fn every_compression_preset_decodes_to_the_bit_and_meets_its_error_bound() {
+    let setup = setup();
+    let matrices = quantizable(&setup.model).len() as u64;
+    for (i, (recipe, expect)) in COMPRESSION_PRESETS.iter().enumerate() {
+        let tmp = temp_dir();
+        let out = tmp.path().join("out");
+        let dense = tmp.path().join("dense");
+        compress(&setup.model, recipe, &out, 2);
+        // Alternate target dtypes so both the f32 and the bf16 paths are compared.
+        let dtype = if i % 2 == 0 { "f32" } else { "bf16" };
+        decompress(&out, &dense, dtype);
+        let decoded = run_checker(
+            &setup,
+            "decode_output.py",
+            &[
+                "--output".as_ref(),
+                out.as_os_str(),
+                "--decompressed".as_ref(),
+                dense.as_os_str(),
+                "--dtype".as_ref(),
+                dtype.as_ref(),
+            ],
+        );
+        assert_eq!(decoded["tensors"], Value::from(104), "{recipe}: {decoded}");
+        let compressed: u64 = decoded["by_format"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(k, _)| *k != "uncompressed" && *k != "dense")
+                    .filter_map(|(_, v)| v.as_u64())
+                    .sum()
+            })
+            .unwrap_or(0);
+        let quality = run_checker(
+            &setup,
+            "check_quality.py",
+            &[
+                "--input".as_ref(),
+                setup.model.as_os_str(),
+                "--output".as_ref(),
+                out.as_os_str(),
+                "--expect".as_ref(),
+                expect.as_ref(),
+            ],
+        );
+        let report = read_json(&out.join("report.json"));
+        let totals = &report["totals"];
+        let config = read_json(&out.join("config.json"));
+        let qc = &config["quantization_config"];
+        match *recipe {
+            "sparse50" | "2of4" => {
+                assert_eq!(compressed, matrices, "{recipe}: {decoded}");
+                assert_eq!(quality["pruned"], Value::from(matrices), "{recipe}");
+                assert_eq!(totals["pruned"], Value::from(matrices), "{recipe}");
+                assert_eq!(totals["global_sparsity"], Value::from(0.5), "{recipe}");
+                assert_eq!(qc["sparsity_config"]["format"], "sparse-bitmask");
+                assert!(qc.get("config_groups").is_none(), "{recipe}: {qc}");
+            }
+            _ => {
+                assert_eq!(compressed, matrices, "{recipe}: {decoded}");
+                assert_eq!(quality["quantized"], Value::from(matrices), "{recipe}");
+                assert_eq!(totals["quantized"], Value::from(matrices), "{recipe}");
+                let format = match *recipe {
+                    "w8a8" => "int-quantized",
+                    "fp8" => "float-quantized",
+                    _ => "pack-quantized",
+                };
+                assert_eq!(qc["format"], format, "{recipe}: {qc}");
+                let group = &qc["config_groups"]["group_0"];
+                assert_eq!(group["format"], format, "{recipe}");
+                let act = &group["input_activations"];
+                match *recipe {
+                    "w8a8" | "fp8" => {
+                        assert_eq!(act["strategy"], "token", "{recipe}");
+                        assert_eq!(act["dynamic"], true, "{recipe}");
+                        assert_eq!(act["num_bits"], 8, "{recipe}");
+                    }
+                    _ => assert!(act.is_null(), "{recipe}: {act}"),
+                }
+            }
+        }
+        if *recipe == "2of4-w4a16" {
+            assert_eq!(qc["sparsity_config"]["format"], "dense");
+            assert_eq!(qc["sparsity_config"]["sparsity_structure"], "2:4");
+        }
+    }
+}
+
+#[test]
+fn the_mse_observer_beats_minmax_on_every_int4_tensor() {
+    let setup = setup();
+    let tmp = temp_dir();
+    let recipe = tmp.path().join("w4a16-mse.toml");
+    let text = shardpress_engine::recipe::preset("w4a16")
+        .unwrap_or_else(|| panic!("no w4a16 preset"))
+        .replace("name = \"w4a16\"", "name = \"w4a16-mse\"")
+        + "observer = \"mse\"\n";
+    fs::write(&recipe, text).unwrap_or_else(|e| panic!("cannot write the recipe: {e}"));
+    let minmax = tmp.path().join("minmax");
+    let mse = tmp.path().join("mse");
+    compress(&setup.model, "w4a16", &minmax, 2);
+    compress(
+        &setup.model,
+        recipe
+            .to_str()
+            .unwrap_or_else(|| panic!("non-UTF-8 temp path")),
+        &mse,
+        2,
+    );
+    let summary = run_checker(
+        &setup,
+        "check_quality.py",
+        &[
+            "--input".as_ref(),
+            setup.model.as_os_str(),
+            "--output".as_ref(),
+            mse.as_os_str(),
+            "--expect".as_ref(),
+            r#"{"mean_rel_max": 0.13, "max_rel_max": 0.15}"#.as_ref(),
+            "--compare-mse".as_ref(),
+            minmax.as_os_str(),
+        ],
+    );
+    let cmp = &summary["compare_mse"];
+    assert_eq!(cmp["compared"], Value::from(37), "{summary}");
+    assert_eq!(cmp["better"], Value::from(37), "{summary}");
+    let config = read_json(&mse.join("config.json"));
+    assert_eq!(
+        config["quantization_config"]["config_groups"]["group_0"]["weights"]["observer"],
+        "mse"
+    );
 }

@@ -368,7 +368,10 @@ fn float_quantized(
     p: &FloatParams,
 ) -> Result<(Vec<Vec<u8>>, ErrorStats), String> {
     let q = fp8::quantize(w, rows, cols, p).map_err(|e| e.to_string())?;
-    Ok((vec![q.values, scale_bytes(&q.scales, p.scale_dtype)], q.stats))
+    Ok((
+        vec![q.values, scale_bytes(&q.scales, p.scale_dtype)],
+        q.stats,
+    ))
 }
 
 #[cfg(test)]
@@ -532,8 +535,8 @@ mod tests {
         let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
         let nm = PruneMethod::NOfM { n: 2, m: 4 };
         let p = int(4, false, Strategy::Group(8), DType::F32);
-        let e = transform(&t, &quant(WeightQuant::Int(p), false, Some(nm)), &bytes)
-            .expect("transform");
+        let e =
+            transform(&t, &quant(WeightQuant::Int(p), false, Some(nm)), &bytes).expect("transform");
         assert_eq!(e.pruned, Some(8));
         let packed: Vec<u32> = e.tensors[0]
             .1

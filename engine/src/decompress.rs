@@ -207,11 +207,7 @@ impl Params {
         if zeros.len() != scales.len() {
             return Err(bad(
                 module,
-                format!(
-                    "{} zero points for {} scales",
-                    zeros.len(),
-                    scales.len()
-                ),
+                format!("{} zero points for {} scales", zeros.len(), scales.len()),
             ));
         }
         Ok(Self {
@@ -391,7 +387,10 @@ fn decode_module(
                 return Err(bad(&mi.name, format!("expected U8, found {}", mi.dtype)));
             }
             if !vi.dtype.is_transformable_float() {
-                return Err(bad(&vi.name, format!("expected floats, found {}", vi.dtype)));
+                return Err(bad(
+                    &vi.name,
+                    format!("expected floats, found {}", vi.dtype),
+                ));
             }
             let width = (vi.dtype.bits() / 8) as usize;
             let dense = bitmask::expand(&vb, &mb, rows, cols, width)
@@ -409,20 +408,31 @@ fn decode_module(
 }
 
 /// The dense shape of a compressed module, from its small shape tensors.
-fn module_shape(ckpt: &Checkpoint, module: &str, layout: Layout) -> Result<Vec<u64>, CompressError> {
+fn module_shape(
+    ckpt: &Checkpoint,
+    module: &str,
+    layout: Layout,
+) -> Result<Vec<u64>, CompressError> {
     let part = match layout {
         Layout::Packed => "weight_shape",
         Layout::Bitmask => "shape",
         Layout::Int8 | Layout::Fp8(_) => {
             let name = format!("{module}.weight");
-            let (_, info) = ckpt.info(&name).ok_or_else(|| bad(&name, "tensor is missing"))?;
+            let (_, info) = ckpt
+                .info(&name)
+                .ok_or_else(|| bad(&name, "tensor is missing"))?;
             return Ok(info.shape.clone());
         }
     };
     let name = format!("{module}.{part}");
-    let (_, info) = ckpt.info(&name).ok_or_else(|| bad(&name, "tensor is missing"))?;
+    let (_, info) = ckpt
+        .info(&name)
+        .ok_or_else(|| bad(&name, "tensor is missing"))?;
     if info.numel() != 2 {
-        return Err(bad(&name, format!("expected 2 sizes, found shape {:?}", info.shape)));
+        return Err(bad(
+            &name,
+            format!("expected 2 sizes, found shape {:?}", info.shape),
+        ));
     }
     let (info, bytes) = read(ckpt, &name)?;
     let (r, c) = shape2(module, &i64s(&info, &bytes)?)?;
@@ -607,7 +617,8 @@ fn write_dense(
                 None => {
                     let (info, raw) = read(ckpt, name)?;
                     if info.dtype.is_transformable_float() && info.dtype != dtype {
-                        let mut out = vec![0u8; info.numel() as usize * (dtype.bits() / 8) as usize];
+                        let mut out =
+                            vec![0u8; info.numel() as usize * (dtype.bits() / 8) as usize];
                         let mut back = vec![0f32; info.numel() as usize];
                         cast_bytes(info.dtype, dtype, &raw, &mut out, &mut back);
                         out

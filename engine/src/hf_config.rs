@@ -99,9 +99,7 @@ fn sparsity_config(plan: &[(&TensorInfo, TensorAction)], global_sparsity: f64) -
     if pruned.is_empty() {
         return None;
     }
-    let bitmask = |a: &TensorAction| {
-        matches!(a, TensorAction::Prune(p) if p.storage == SparseStorage::Bitmask)
-    };
+    let bitmask = |a: &TensorAction| matches!(a, TensorAction::Prune(p) if p.storage == SparseStorage::Bitmask);
     let any_bitmask = pruned.iter().any(|(_, a)| bitmask(a));
     let structures: Vec<String> = pruned
         .iter()
@@ -216,7 +214,11 @@ fn torch_dtype_name(d: DType) -> Option<&'static str> {
 
 /// `config` with `quantization_config` added for quantized or pruned weights and
 /// `torch_dtype` updated when every float tensor was cast to one type.
-pub fn rewrite(config: &Value, plan: &[(&TensorInfo, TensorAction)], global_sparsity: f64) -> Value {
+pub fn rewrite(
+    config: &Value,
+    plan: &[(&TensorInfo, TensorAction)],
+    global_sparsity: f64,
+) -> Value {
     let mut out = config.clone();
     let Some(obj) = out.as_object_mut() else {
         return out;

@@ -23,11 +23,11 @@ use crate::recipe::{Recipe, TensorAction, WeightQuant};
 use crate::report::{
     LayerReport, Report, ShardReport, StructuredReport, TensorReport, REPORT_VERSION,
 };
+use crate::safetensors::{ShardWriter, TensorInfo, WriteError};
+use crate::source::ByteSource;
 use crate::structured::{
     add_scores, choose_units, gather, sliced_info, Fate, LayerCut, Slice, Structure, Unit,
 };
-use crate::safetensors::{ShardWriter, TensorInfo, WriteError};
-use crate::source::ByteSource;
 
 /// Why a job failed.
 #[derive(Debug, thiserror::Error)]
@@ -587,7 +587,11 @@ fn io_out(path: &Path) -> impl Fn(std::io::Error) -> CompressError + '_ {
 }
 
 /// Refuses outputs that would overwrite or nest with the input.
-pub(crate) fn check_output(input: &Path, out: &Path, overwrite: bool) -> Result<PathBuf, CompressError> {
+pub(crate) fn check_output(
+    input: &Path,
+    out: &Path,
+    overwrite: bool,
+) -> Result<PathBuf, CompressError> {
     let input_abs = fs::canonicalize(input).map_err(io_out(input))?;
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

@@ -269,13 +269,7 @@ impl Structure {
 
     /// The output index of input layer `layer` (which must not be dropped).
     pub fn output_layer(&self, layer: u64) -> u64 {
-        layer
-            - self
-                .spec
-                .drop_layers
-                .iter()
-                .filter(|d| **d < layer)
-                .count() as u64
+        layer - self.spec.drop_layers.iter().filter(|d| **d < layer).count() as u64
     }
 
     /// What happens to the tensor `name`.
@@ -309,7 +303,9 @@ impl Structure {
             })
         };
         let slice = match tail {
-            "mlp.gate_proj.weight" | "mlp.up_proj.weight" | "mlp.gate_proj.bias"
+            "mlp.gate_proj.weight"
+            | "mlp.up_proj.weight"
+            | "mlp.gate_proj.bias"
             | "mlp.up_proj.bias" => mlp(0),
             "mlp.down_proj.weight" => mlp(1),
             "self_attn.q_proj.weight" | "self_attn.q_proj.bias" => heads(0, n_rep * d.head_dim),
@@ -423,7 +419,10 @@ pub fn add_scores(info: &TensorInfo, bytes: &[u8], scorer: &Scorer, scores: &mut
         decode_f32(info.dtype, raw, &mut row);
         if scorer.axis == 0 {
             if let Some(s) = scores.get_mut(r / len) {
-                *s += row.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>();
+                *s += row
+                    .iter()
+                    .map(|x| f64::from(*x) * f64::from(*x))
+                    .sum::<f64>();
             }
         } else {
             for (c, x) in row.iter().enumerate() {

@@ -11,5 +11,3 @@ pub mod v1 {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("shardpress_descriptor");
 }
-
-

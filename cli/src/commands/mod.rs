@@ -2,8 +2,8 @@
 
 pub mod cancel;
 pub mod compress;
-pub mod decompress;
 pub mod coordinator;
+pub mod decompress;
 pub mod inspect;
 pub mod list;
 pub mod recipes;

@@ -102,20 +102,28 @@ pub fn expand(
     width: usize,
 ) -> Result<Vec<u8>, BitmaskError> {
     let mrow = mask_row_bytes(cols) as usize;
-    let want = rows as usize * mrow;
-    if mask.len() != want {
+    let want = rows.checked_mul(mask_row_bytes(cols));
+    if want != Some(mask.len() as u64) {
         return Err(BitmaskError::MaskSize {
             got: mask.len() as u64,
-            want: want as u64,
+            want: want.unwrap_or(u64::MAX),
         });
     }
     let marked: u64 = mask.iter().map(|b| u64::from(b.count_ones())).sum();
     let stored = (values.len() / width.max(1)) as u64;
-    if marked != stored || values.len() % width.max(1) != 0 {
+    if marked != stored || !values.len().is_multiple_of(width.max(1)) {
         return Err(BitmaskError::Count { marked, stored });
     }
     let cols_us = cols as usize;
-    let mut out = vec![0u8; rows as usize * cols_us * width];
+    // Rows and columns are bounded by the mask just checked, except when there are no rows.
+    let total = (rows as usize)
+        .checked_mul(cols_us)
+        .and_then(|n| n.checked_mul(width))
+        .ok_or(BitmaskError::MaskSize {
+            got: mask.len() as u64,
+            want: u64::MAX,
+        })?;
+    let mut out = vec![0u8; total];
     let mut next = 0usize;
     for r in 0..rows as usize {
         let m = &mask[r * mrow..(r + 1) * mrow];
@@ -164,7 +172,10 @@ mod tests {
         assert_eq!(back, bytes);
         assert!(matches!(
             expand(&b.values[..4], &b.bitmask, 2, 10, 4),
-            Err(BitmaskError::Count { marked: 3, stored: 1 })
+            Err(BitmaskError::Count {
+                marked: 3,
+                stored: 1
+            })
         ));
         let mut bad = b.bitmask.clone();
         bad[1] |= 0x80;

@@ -630,7 +630,10 @@ fn parse_structured(s: &StructuredFile) -> Result<StructuredSpec, String> {
 fn parse_prune(r: &RuleFile) -> Result<Option<PruneRule>, String> {
     let Some(method) = r.prune.as_deref() else {
         if r.sparsity.is_some() || r.prune_scope.is_some() || r.indivisible.is_some() {
-            return Err("sparsity, prune_scope and indivisible need prune = \"magnitude\" or \"N:M\"".into());
+            return Err(
+                "sparsity, prune_scope and indivisible need prune = \"magnitude\" or \"N:M\""
+                    .into(),
+            );
         }
         return Ok(None);
     };
@@ -658,12 +661,12 @@ fn parse_prune(r: &RuleFile) -> Result<Option<PruneRule>, String> {
         }
         let parse = |v: &str| v.trim().parse::<u32>().ok();
         let (Some(n), Some(m)) = (parse(n), parse(m)) else {
-            return Err(format!("prune {method:?}: N:M needs two whole numbers, e.g. \"2:4\""));
+            return Err(format!(
+                "prune {method:?}: N:M needs two whole numbers, e.g. \"2:4\""
+            ));
         };
         if n == 0 || n >= m || m > 1024 {
-            return Err(format!(
-                "prune {method:?}: N:M needs 0 < N < M <= 1024"
-            ));
+            return Err(format!("prune {method:?}: N:M needs 0 < N < M <= 1024"));
         }
         PruneMethod::NOfM { n, m }
     } else {
@@ -884,20 +887,26 @@ mod tests {
             Recipe::load(name).expect(name);
         }
         let r = Recipe::load("w8a16").expect("preset");
-        let q = r.resolve(&info(
-            "encoder.layer.0.attention.self.query.weight",
-            DType::F32,
-            vec![4, 8],
-        )).expect("resolves");
+        let q = r
+            .resolve(&info(
+                "encoder.layer.0.attention.self.query.weight",
+                DType::F32,
+                vec![4, 8],
+            ))
+            .expect("resolves");
         assert!(
             matches!(q, TensorAction::Quantize(QuantAction { weights: WeightQuant::Int(p), .. }) if p.bits == 8 && p.scale_dtype == DType::F32)
         );
-        let bf = r.resolve(&info(
-            "model.layers.0.mlp.up_proj.weight",
-            DType::BF16,
-            vec![4, 8],
-        )).expect("resolves");
-        assert!(matches!(bf, TensorAction::Quantize(QuantAction { weights: WeightQuant::Int(p), .. }) if p.scale_dtype == DType::BF16));
+        let bf = r
+            .resolve(&info(
+                "model.layers.0.mlp.up_proj.weight",
+                DType::BF16,
+                vec![4, 8],
+            ))
+            .expect("resolves");
+        assert!(
+            matches!(bf, TensorAction::Quantize(QuantAction { weights: WeightQuant::Int(p), .. }) if p.scale_dtype == DType::BF16)
+        );
         for (name, reason) in [
             (
                 "encoder.layer.0.attention.output.LayerNorm.weight",
@@ -908,18 +917,21 @@ mod tests {
             ("encoder.layer.0.output.dense.bias", KeepReason::Ignored),
         ] {
             assert_eq!(
-                r.resolve(&info(name, DType::F32, vec![4, 8])).expect("resolves"),
+                r.resolve(&info(name, DType::F32, vec![4, 8]))
+                    .expect("resolves"),
                 TensorAction::Keep(reason),
                 "{name}"
             );
         }
         assert_eq!(
-            r.resolve(&info("embeddings.position_ids", DType::I64, vec![1, 8])).expect("resolves"),
+            r.resolve(&info("embeddings.position_ids", DType::I64, vec![1, 8]))
+                .expect("resolves"),
             TensorAction::Keep(KeepReason::NotFloat)
         );
         let cast = Recipe::load("bf16").expect("preset");
         assert_eq!(
-            cast.resolve(&info("x.LayerNorm.bias", DType::F32, vec![8])).expect("resolves"),
+            cast.resolve(&info("x.LayerNorm.bias", DType::F32, vec![8]))
+                .expect("resolves"),
             TensorAction::Cast(DType::BF16)
         );
     }
@@ -965,11 +977,17 @@ mod tests {
         .expect("valid");
         let odd = info("l.0.w.weight", DType::F32, vec![4, 6]);
         let e = strict.resolve(&odd).expect_err("6 columns");
-        assert!(e.contains("divisible by 4") && e.contains("l.0.w.weight"), "{e}");
+        assert!(
+            e.contains("divisible by 4") && e.contains("l.0.w.weight"),
+            "{e}"
+        );
         let even = info("l.0.w.weight", DType::F32, vec![4, 8]);
         assert!(matches!(
             strict.resolve(&even),
-            Ok(TensorAction::Prune(PruneAction { method: PruneMethod::NOfM { n: 2, m: 4 }, storage: SparseStorage::Bitmask }))
+            Ok(TensorAction::Prune(PruneAction {
+                method: PruneMethod::NOfM { n: 2, m: 4 },
+                storage: SparseStorage::Bitmask
+            }))
         ));
         let lenient = Recipe::from_toml(
             "[[rules]]\ntargets=[\"*\"]\naction=\"quantize\"\nbits=4\nprune=\"2:4\"\nindivisible=\"dense\"\n",
@@ -990,7 +1008,8 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(
-            r.resolve(&info("l.0.w.weight", DType::F16, vec![2, 2])).expect("resolves"),
+            r.resolve(&info("l.0.w.weight", DType::F16, vec![2, 2]))
+                .expect("resolves"),
             TensorAction::Keep(KeepReason::KeepRule)
         );
         assert!(matches!(
@@ -998,7 +1017,8 @@ mod tests {
             TensorAction::Quantize(QuantAction { weights: WeightQuant::Int(p), .. }) if p.strategy == Strategy::Group(32)
         ));
         assert_eq!(
-            r.resolve(&info("l.1.norm", DType::F16, vec![2])).expect("resolves"),
+            r.resolve(&info("l.1.norm", DType::F16, vec![2]))
+                .expect("resolves"),
             TensorAction::Keep(KeepReason::OneDimensional)
         );
     }

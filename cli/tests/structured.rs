@@ -1,0 +1,354 @@
+//! Structured pruning of a small Llama-shaped checkpoint: shapes and config stay consistent,
+//! and a decompressed layer computes what the original layer computes with the removed
+//! neurons and heads zeroed (checked by `tests/python/llama_forward.py`, a numpy forward
+//! pass). Needs `SHARDPRESS_PYTHON`, set by `scripts/test.sh`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::{json, Value};
+use shardpress_engine::safetensors::TensorSpec;
+use shardpress_engine::DType;
+use shardpress_testkit::write_f32_checkpoint;
+
+const HIDDEN: u64 = 32;
+const HEADS: u64 = 4;
+const KV_HEADS: u64 = 2;
+const HEAD_DIM: u64 = 8;
+const INTERMEDIATE: u64 = 24;
+const LAYERS: u64 = 3;
+const VOCAB: u64 = 50;
+
+fn python() -> PathBuf {
+    match std::env::var_os("SHARDPRESS_PYTHON") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => panic!("SHARDPRESS_PYTHON is not set; run `scripts/test.sh`"),
+    }
+}
+
+fn describe(output: &Output) -> String {
+    format!(
+        "exit status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn shardpress(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shardpress"))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run shardpress: {e}"))
+}
+
+fn read_json(path: &Path) -> Value {
+    let bytes =
+        std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Writes a 3-layer Llama-shaped checkpoint with grouped-query attention.
+fn llama(dir: &Path) {
+    let mut specs = vec![
+        TensorSpec::new("lm_head.weight", DType::F32, vec![VOCAB, HIDDEN]),
+        TensorSpec::new("model.embed_tokens.weight", DType::F32, vec![VOCAB, HIDDEN]),
+        TensorSpec::new("model.norm.weight", DType::F32, vec![HIDDEN]),
+    ];
+    for l in 0..LAYERS {
+        let p = |s: &str| format!("model.layers.{l}.{s}");
+        specs.extend([
+            TensorSpec::new(p("input_layernorm.weight"), DType::F32, vec![HIDDEN]),
+            TensorSpec::new(
+                p("mlp.down_proj.weight"),
+                DType::F32,
+                vec![HIDDEN, INTERMEDIATE],
+            ),
+            TensorSpec::new(
+                p("mlp.gate_proj.weight"),
+                DType::F32,
+                vec![INTERMEDIATE, HIDDEN],
+            ),
+            TensorSpec::new(
+                p("mlp.up_proj.weight"),
+                DType::F32,
+                vec![INTERMEDIATE, HIDDEN],
+            ),
+            TensorSpec::new(
+                p("post_attention_layernorm.weight"),
+                DType::F32,
+                vec![HIDDEN],
+            ),
+            TensorSpec::new(
+                p("self_attn.k_proj.weight"),
+                DType::F32,
+                vec![KV_HEADS * HEAD_DIM, HIDDEN],
+            ),
+            TensorSpec::new(
+                p("self_attn.o_proj.weight"),
+                DType::F32,
+                vec![HIDDEN, HEADS * HEAD_DIM],
+            ),
+            TensorSpec::new(
+                p("self_attn.q_proj.weight"),
+                DType::F32,
+                vec![HEADS * HEAD_DIM, HIDDEN],
+            ),
+            TensorSpec::new(
+                p("self_attn.v_proj.weight"),
+                DType::F32,
+                vec![KV_HEADS * HEAD_DIM, HIDDEN],
+            ),
+        ]);
+    }
+    write_f32_checkpoint(dir, &specs);
+    let config = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "num_hidden_layers": LAYERS,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "vocab_size": VOCAB,
+        "torch_dtype": "float32",
+    });
+    std::fs::write(dir.join("config.json"), config.to_string())
+        .unwrap_or_else(|e| panic!("cannot write config.json: {e}"));
+}
+
+fn write_recipe(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("recipe.toml");
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("cannot write the recipe: {e}"));
+    path
+}
+
+/// Shapes of every tensor in a dense output directory, by name.
+fn shapes(dir: &Path) -> std::collections::BTreeMap<String, Vec<u64>> {
+    let index = read_json(&dir.join("model.safetensors.index.json"));
+    let mut out = std::collections::BTreeMap::new();
+    let files: std::collections::BTreeSet<String> = index["weight_map"]
+        .as_object()
+        .map(|m| {
+            m.values()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    for f in files {
+        let bytes = std::fs::read(dir.join(&f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&bytes).unwrap_or_else(|e| panic!("{f}: {e}"));
+        for (name, info) in meta.tensors() {
+            out.insert(name, info.shape.iter().map(|d| *d as u64).collect());
+        }
+    }
+    out
+}
+
+#[test]
+fn pruned_layers_match_the_original_with_removed_units_zeroed() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap_or_else(|e| panic!("mkdir: {e}"));
+    llama(&model);
+    let recipe = write_recipe(
+        tmp.path(),
+        "name = \"slim\"\n[structured]\nmlp_ratio = 0.25\nhead_ratio = 0.5\ndrop_layers = [1]\n",
+    );
+    let out = tmp.path().join("out");
+    let o = shardpress(&[
+        "compress".as_ref(),
+        model.as_os_str(),
+        "--recipe".as_ref(),
+        recipe.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+        "--quiet".as_ref(),
+    ]);
+    assert!(o.status.success(), "{}", describe(&o));
+
+    let config = read_json(&out.join("config.json"));
+    assert_eq!(config["intermediate_size"], 18);
+    assert_eq!(config["num_key_value_heads"], 1);
+    assert_eq!(config["num_attention_heads"], 2);
+    assert_eq!(config["head_dim"], HEAD_DIM);
+    assert_eq!(config["num_hidden_layers"], 2);
+    assert_eq!(config["hidden_size"], HIDDEN);
+
+    let got = shapes(&out);
+    assert!(
+        !got.keys().any(|n| n.starts_with("model.layers.2.")),
+        "{got:?}"
+    );
+    for l in 0..2 {
+        let s = |t: &str| got.get(&format!("model.layers.{l}.{t}")).cloned();
+        assert_eq!(s("mlp.gate_proj.weight"), Some(vec![18, HIDDEN]));
+        assert_eq!(s("mlp.up_proj.weight"), Some(vec![18, HIDDEN]));
+        assert_eq!(s("mlp.down_proj.weight"), Some(vec![HIDDEN, 18]));
+        assert_eq!(
+            s("self_attn.q_proj.weight"),
+            Some(vec![2 * HEAD_DIM, HIDDEN])
+        );
+        assert_eq!(s("self_attn.k_proj.weight"), Some(vec![HEAD_DIM, HIDDEN]));
+        assert_eq!(s("self_attn.v_proj.weight"), Some(vec![HEAD_DIM, HIDDEN]));
+        assert_eq!(
+            s("self_attn.o_proj.weight"),
+            Some(vec![HIDDEN, 2 * HEAD_DIM])
+        );
+    }
+    let report = read_json(&out.join("report.json"));
+    let structured = &report["structured"];
+    assert_eq!(structured["dropped_layers"], json!([1]));
+    let layers = structured["layers"].as_array().cloned().unwrap_or_default();
+    assert_eq!(layers.len(), 2, "{structured}");
+    assert_eq!(layers[1]["source_layer"], 2);
+    assert_eq!(layers[1]["output_layer"], 1);
+    for l in &layers {
+        assert_eq!(l["mlp_kept"].as_array().map(Vec::len), Some(18), "{l}");
+        assert_eq!(l["kv_heads_kept"].as_array().map(Vec::len), Some(1), "{l}");
+    }
+
+    // Plain dense copy, then the forward pass of each kept layer against the original.
+    let dense = tmp.path().join("dense");
+    let o = shardpress(&[
+        "decompress".as_ref(),
+        out.as_os_str(),
+        "--out".as_ref(),
+        dense.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", describe(&o));
+    for layer in ["0", "1"] {
+        let o = Command::new(python())
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/llama_forward.py"))
+            .arg("--original")
+            .arg(&model)
+            .arg("--pruned")
+            .arg(&dense)
+            .args(["--layer", layer])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run python: {e}"));
+        assert!(o.status.success(), "layer {layer}: {}", describe(&o));
+    }
+}
+
+#[test]
+fn structured_pruning_combines_with_quantization() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap_or_else(|e| panic!("mkdir: {e}"));
+    llama(&model);
+    let recipe = write_recipe(
+        tmp.path(),
+        "[structured]\nmlp_ratio = 0.5\n[[rules]]\ntargets = [\"*.weight\"]\naction = \"quantize\"\nbits = 4\nstrategy = \"group\"\ngroup_size = 8\n",
+    );
+    let out = tmp.path().join("out");
+    let o = shardpress(&[
+        "compress".as_ref(),
+        model.as_os_str(),
+        "--recipe".as_ref(),
+        recipe.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+        "--quiet".as_ref(),
+    ]);
+    assert!(o.status.success(), "{}", describe(&o));
+    let got = shapes(&out);
+    // down_proj keeps 12 of 24 columns: 12 int4 values pack into 2 words per row.
+    assert_eq!(
+        got.get("model.layers.0.mlp.down_proj.weight_packed"),
+        Some(&vec![HIDDEN, 2])
+    );
+    assert_eq!(
+        got.get("model.layers.0.mlp.down_proj.weight_scale"),
+        Some(&vec![HIDDEN, 2])
+    );
+    assert_eq!(
+        got.get("model.layers.2.mlp.gate_proj.weight_packed"),
+        Some(&vec![12, 4])
+    );
+    let dense = tmp.path().join("dense");
+    let o = shardpress(&[
+        "decompress".as_ref(),
+        out.as_os_str(),
+        "--out".as_ref(),
+        dense.as_os_str(),
+        "--dtype".as_ref(),
+        "bf16".as_ref(),
+    ]);
+    assert!(o.status.success(), "{}", describe(&o));
+    let dense_shapes = shapes(&dense);
+    assert_eq!(
+        dense_shapes.get("model.layers.1.mlp.down_proj.weight"),
+        Some(&vec![HIDDEN, 12])
+    );
+    let config = read_json(&dense.join("config.json"));
+    assert!(config.get("quantization_config").is_none(), "{config}");
+    assert_eq!(config["torch_dtype"], "bfloat16");
+    assert_eq!(config["intermediate_size"], 12);
+}
+
+#[test]
+fn structured_pruning_refuses_what_it_cannot_apply() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap_or_else(|e| panic!("mkdir: {e}"));
+    llama(&model);
+    let cases = [
+        (
+            "[structured]\ndrop_layers = [3]\n",
+            "drop_layers names layer 3, but the model has 3 layers",
+        ),
+        (
+            "[structured]\ndrop_layers = [0, 1, 2]\n",
+            "would remove every layer",
+        ),
+        (
+            "[structured]\nmlp_ratio = 1.0\n",
+            "mlp_ratio must be at least 0 and below 1",
+        ),
+    ];
+    for (text, want) in cases {
+        let recipe = write_recipe(tmp.path(), text);
+        let out = tmp.path().join("out");
+        let o = shardpress(&[
+            "compress".as_ref(),
+            model.as_os_str(),
+            "--recipe".as_ref(),
+            recipe.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ]);
+        assert!(!o.status.success(), "{text}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "{text}: {err}");
+        assert!(!out.exists(), "{text}: output left behind");
+    }
+    // A checkpoint without the tensors structured pruning needs.
+    std::fs::remove_file(model.join("model.safetensors")).unwrap_or_else(|e| panic!("{e}"));
+    write_f32_checkpoint(
+        &model,
+        &[TensorSpec::new(
+            "model.layers.0.mlp.up_proj.weight",
+            DType::F32,
+            vec![INTERMEDIATE, HIDDEN],
+        )],
+    );
+    let recipe = write_recipe(tmp.path(), "[structured]\nmlp_ratio = 0.5\n");
+    let o = shardpress(&[
+        "compress".as_ref(),
+        model.as_os_str(),
+        "--recipe".as_ref(),
+        recipe.as_os_str(),
+        "--out".as_ref(),
+        tmp.path().join("out2").as_os_str(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("tensor \"model.layers.0.mlp.gate_proj.weight\" is missing"),
+        "{err}"
+    );
+}
