@@ -151,8 +151,12 @@ impl Cluster {
     }
 
     fn submit(&self) -> String {
+        self.submit_job(SRC, "w8a16", DST)
+    }
+
+    fn submit_job(&self, src: &str, recipe: &str, dst: &str) -> String {
         let out = self.cli(&[
-            "submit", SRC, "--recipe", "w8a16", "--out", DST, "--output", "json",
+            "submit", src, "--recipe", recipe, "--out", dst, "--output", "json",
         ]);
         assert!(
             out.status.success(),
@@ -208,14 +212,19 @@ fn tensor_bytes(file: &Path) -> u64 {
 }
 
 async fn assert_matches_local(c: &Cluster) {
+    assert_same_as_local(c, &model_dir(), "w8a16", "minilm-w8a16/").await;
+}
+
+/// The job's output under `models-out/<prefix>` equals `shardpress compress` of `model`.
+async fn assert_same_as_local(c: &Cluster, model: &Path, recipe: &str, prefix: &str) {
     let local = tempfile::tempdir().expect("tmp");
-    let local_out = local.path().join("w8a16");
+    let local_out = local.path().join("out");
     let out = Command::new(BIN)
         .args([
             "compress",
-            &model_dir().to_string_lossy(),
+            &model.to_string_lossy(),
             "--recipe",
-            "w8a16",
+            recipe,
             "--quiet",
             "--out",
         ])
@@ -228,7 +237,7 @@ async fn assert_matches_local(c: &Cluster) {
         String::from_utf8_lossy(&out.stderr)
     );
     let remote = tempfile::tempdir().expect("tmp");
-    c.s3.download_prefix("models-out", "minilm-w8a16/", remote.path())
+    c.s3.download_prefix("models-out", prefix, remote.path())
         .await;
     let a = files(&local_out);
     let b = files(remote.path());
@@ -297,6 +306,61 @@ async fn two_workers_compress_the_real_checkpoint_like_the_local_command() {
         .expect("attempts");
     assert_eq!(attempts, 8);
     let _ = &c.pg;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipe_file_with_structured_pruning_runs_like_the_local_command() {
+    let mut c = Cluster::start().await;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("llama");
+    std::fs::create_dir_all(&model).expect("mkdir");
+    shardpress_testkit::llama::write_llama_checkpoint(&model);
+    c.s3.upload_dir("models-in", "llama/", &model).await;
+    // Every family at once: structured pruning, N:M then int4 (with a tensor N:M cannot
+    // divide left unpruned), magnitude pruning stored as a bitmask.
+    let recipe = tmp.path().join("mixed.toml");
+    std::fs::write(
+        &recipe,
+        r#"name = "mixed"
+[structured]
+mlp_ratio = 0.25
+head_ratio = 0.5
+drop_layers = [1]
+
+[[rules]]
+targets = ["re:.*mlp.*"]
+action = "quantize"
+bits = 4
+strategy = "group"
+group_size = 8
+prune = "2:4"
+indivisible = "dense"
+
+[[rules]]
+targets = ["re:.*self_attn.*"]
+action = "prune"
+prune = "magnitude"
+sparsity = 0.5
+"#,
+    )
+    .expect("recipe");
+    c.start_worker("2");
+    let id = c.submit_job(
+        "s3://models-in/llama/",
+        &recipe.to_string_lossy(),
+        "s3://models-out/llama-mixed/",
+    );
+    let watch = c.cli(&["watch", &id]);
+    assert!(
+        watch.status.success(),
+        "watch: {}",
+        String::from_utf8_lossy(&watch.stderr)
+    );
+    let st = c.status(&id);
+    assert_eq!(st["state"], "succeeded", "{st}");
+    // embeddings, layers 0 and 2 (renumbered 1), final norm, head.
+    assert_eq!(st["tasks_total"], 5, "{st}");
+    assert_same_as_local(&c, &model, &recipe.to_string_lossy(), "llama-mixed/").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
