@@ -563,7 +563,16 @@ fn bad_recipe_files() {
     let cases = [
         (
             "[[rules]]\ntargets = [\"*.weight\"]\naction = \"quantize\"\nbits = 9\n",
-            "bits must be 2, 4 or 8",
+            "bits must be 2 to 8, got 9",
+        ),
+        (
+            // Q has 8 columns: 3:7 pruning cannot tile them.
+            "[[rules]]\ntargets = [\"*.weight\"]\naction = \"prune\"\nprune = \"3:7\"\n",
+            "needs a column count divisible by 7",
+        ),
+        (
+            "[[rules]]\ntargets = [\"*.weight\"]\naction = \"prune\"\nprune = \"magnitude\"\nsparsity = -0.5\n",
+            "sparsity must be at least 0 and below 1, got -0.5",
         ),
         (
             "[[rules]]\ntargets = [\"*.weight\"]\naction = \"quantize\"\nbits = 4\nstrategy = \"group\"\ngroup_size = 0\n",

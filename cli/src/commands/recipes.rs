@@ -25,7 +25,7 @@ pub fn run(args: Args) -> Result<()> {
             for (name, text) in PRESETS {
                 let recipe = Recipe::from_toml(text, name)?;
                 let desc = recipe.source.description.unwrap_or_default();
-                println!("{name:<8} {desc}");
+                println!("{name:<11} {desc}");
             }
         }
     }
