@@ -573,8 +573,20 @@ proptest! {
             Err(e) => return Err(TestCaseError::fail(format!("{e}"))),
         };
         check_quantized(&w, rows, cols, &p, &q)?;
-        if p.scale_dtype == DType::F32 {
-            // With exact scales nothing is clamped: the whole row stays within half a step.
+        if p.observer == Observer::Mse {
+            // The full range is one of the mse observer's candidates: never worse than minmax.
+            let minmax = IntParams { observer: Observer::Minmax, ..p };
+            if let Ok(m) = quantize(&w, rows, cols, &minmax) {
+                prop_assert!(
+                    q.stats.sum_sq_err <= m.stats.sum_sq_err * (1.0 + 1e-9) + 1e-30,
+                    "mse {} > minmax {}",
+                    q.stats.sum_sq_err,
+                    m.stats.sum_sq_err
+                );
+            }
+        } else if p.scale_dtype == DType::F32 {
+            // With exact scales and the full range nothing is clamped: the whole row stays
+            // within half a step.
             let max_scale = q.scales.iter().copied().fold(0.0f32, f32::max);
             prop_assert!(q.stats.max_abs_err <= max_scale / 2.0 + 1e-6 * (1000.0 + max_scale));
         }
