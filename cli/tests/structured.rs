@@ -248,6 +248,28 @@ fn structured_pruning_refuses_what_it_cannot_apply() {
         assert!(err.contains(want), "{text}: {err}");
         assert!(!out.exists(), "{text}: output left behind");
     }
+    // A config that undercounts the layers.
+    let config_path = model.join("config.json");
+    let mut config = read_json(&config_path);
+    config["num_hidden_layers"] = json!(2);
+    std::fs::write(&config_path, config.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    let recipe = write_recipe(tmp.path(), "[structured]\nmlp_ratio = 0.5\n");
+    let o = shardpress(&[
+        "compress".as_ref(),
+        model.as_os_str(),
+        "--recipe".as_ref(),
+        recipe.as_os_str(),
+        "--out".as_ref(),
+        tmp.path().join("out3").as_os_str(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("belongs to layer 2, but config.json has num_hidden_layers 2"),
+        "{err}"
+    );
+    config["num_hidden_layers"] = json!(3);
+    std::fs::write(&config_path, config.to_string()).unwrap_or_else(|e| panic!("{e}"));
+
     // A checkpoint without the tensors structured pruning needs.
     std::fs::remove_file(model.join("model.safetensors")).unwrap_or_else(|e| panic!("{e}"));
     write_f32_checkpoint(

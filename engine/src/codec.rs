@@ -172,7 +172,8 @@ pub fn transform(
             pruned: None,
         }),
         TensorAction::Cast(dst) => {
-            let (out, stats) = cast(info.dtype, *dst, bytes, info.numel() as usize);
+            let (out, stats) =
+                cast(info.dtype, *dst, bytes, info.numel() as usize).map_err(fail)?;
             Ok(Encoded {
                 tensors: specs.into_iter().map(|s| (s, out.clone())).collect(),
                 stats,
@@ -223,27 +224,48 @@ fn i64_bytes(v: &[i64]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn cast(src: DType, dst: DType, bytes: &[u8], numel: usize) -> (Vec<u8>, ErrorStats) {
+/// Casts float elements; `Err` names the first finite element the target type cannot hold.
+pub(crate) fn cast(
+    src: DType,
+    dst: DType,
+    bytes: &[u8],
+    numel: usize,
+) -> Result<(Vec<u8>, ErrorStats), String> {
     let sw = (src.bits() / 8) as usize;
     let dw = (dst.bits() / 8) as usize;
     let mut out = vec![0u8; numel * dw];
-    let parts: Vec<ErrorStats> = bytes
+    let parts: Vec<Result<ErrorStats, (usize, f32)>> = bytes
         .par_chunks(CHUNK * sw)
         .zip(out.par_chunks_mut(CHUNK * dw))
-        .map(|(inp, o)| {
+        .enumerate()
+        .map(|(chunk, (inp, o))| {
             let n = inp.len() / sw;
             let mut orig = vec![0f32; n];
             let mut back = vec![0f32; n];
             decode_f32(src, inp, &mut orig);
             cast_bytes(src, dst, inp, o, &mut back);
-            ErrorStats::compare(&orig, &back)
+            if let Some(i) = orig
+                .iter()
+                .zip(&back)
+                .position(|(a, b)| a.is_finite() && !b.is_finite())
+            {
+                return Err((chunk * CHUNK + i, orig[i]));
+            }
+            Ok(ErrorStats::compare(&orig, &back))
         })
         .collect();
     let mut stats = ErrorStats::default();
-    for p in &parts {
-        stats.merge(p);
+    for p in parts {
+        match p {
+            Ok(p) => stats.merge(&p),
+            Err((i, v)) => {
+                return Err(format!(
+                    "element {i} ({v:e}) overflows {dst}; cast to a wider type or leave this tensor alone"
+                ))
+            }
+        }
     }
-    (out, stats)
+    Ok((out, stats))
 }
 
 /// Decodes a float tensor to f32, refusing NaN and infinities with their position.

@@ -14,9 +14,10 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use crate::checkpoint::{Checkpoint, INDEX_FILE};
+use crate::codec::cast;
 use crate::dtype::DType;
 use crate::kernels::bitmask;
-use crate::kernels::convert::{cast_bytes, decode_f32};
+use crate::kernels::convert::decode_f32;
 use crate::kernels::fp8::Fp8Format;
 use crate::kernels::int_quant::unpack_values;
 use crate::pipeline::{check_output, json_bytes, publish, staging_dir, CompressError};
@@ -61,44 +62,19 @@ fn bad(what: &str, problem: impl Into<String>) -> CompressError {
 }
 
 /// The bit width of a pack-quantized module, from `quantization_config`.
-fn packed_bits(qc: Option<&Value>, module: &str) -> Option<u8> {
-    let groups = qc?.get("config_groups")?.as_object()?;
-    let ignored = qc?
-        .get("ignore")
-        .and_then(Value::as_array)
-        .is_some_and(|l| l.iter().any(|v| v.as_str() == Some(module)));
-    for g in groups.values() {
-        let targets = g.get("targets")?.as_array()?;
-        let hit = targets.iter().any(|t| match t.as_str() {
-            Some("Linear") => !ignored,
-            Some(name) => name == module,
-            None => false,
-        });
-        if hit {
-            return g
-                .get("weights")?
-                .get("num_bits")?
-                .as_u64()
-                .and_then(|b| u8::try_from(b).ok());
-        }
-    }
-    None
+fn packed_bits(qc: Option<&Value>, module: &str) -> Option<u64> {
+    config_group(qc, module)?
+        .get("weights")?
+        .get("num_bits")?
+        .as_u64()
 }
 
 /// The group size of a module's scales, from `quantization_config`.
 fn config_group_size(qc: Option<&Value>, module: &str) -> Option<u64> {
-    let groups = qc?.get("config_groups")?.as_object()?;
-    groups.values().find_map(|g| {
-        let targets = g.get("targets")?.as_array()?;
-        let hit = targets
-            .iter()
-            .any(|t| t.as_str() == Some("Linear") || t.as_str() == Some(module));
-        if hit {
-            g.get("weights")?.get("group_size")?.as_u64()
-        } else {
-            None
-        }
-    })
+    config_group(qc, module)?
+        .get("weights")?
+        .get("group_size")?
+        .as_u64()
 }
 
 /// Reads a tensor's bytes.
@@ -181,6 +157,15 @@ impl Params {
     ) -> Result<Self, CompressError> {
         let (info, bytes) = scale;
         let scales = to_f32(&info, &bytes)?;
+        if let Some(i) = scales.iter().position(|s| !s.is_finite() || *s == 0.0) {
+            return Err(bad(
+                &info.name,
+                format!(
+                    "scale #{i} is {}; scales must be finite and non-zero",
+                    scales[i]
+                ),
+            ));
+        }
         let (prow, groups) = match info.shape.as_slice() {
             [1] => (1, 1),
             [r, g] if *r == rows && *g >= 1 => (rows, *g),
@@ -250,14 +235,27 @@ fn decode_module(
     let name = |s: &str| format!("{module}.{s}");
     match layout {
         Layout::Packed => {
-            let bits = packed_bits(qc, module)
-                .filter(|b| (2..=8).contains(b))
-                .ok_or_else(|| {
-                    bad(
+            let bits = match (qc, packed_bits(qc, module)) {
+                (None, _) => {
+                    return Err(bad(
                         module,
-                        "pack-quantized weights, but config.json's quantization_config gives no num_bits (2 to 8) for this module",
-                    )
-                })?;
+                        "pack-quantized weights need config.json with a quantization_config giving num_bits; none found",
+                    ))
+                }
+                (Some(_), Some(b)) if (2..=8).contains(&b) => b as u8,
+                (Some(_), Some(b)) => {
+                    return Err(bad(
+                        module,
+                        format!("quantization_config gives num_bits {b}; pack-quantized needs 2 to 8"),
+                    ))
+                }
+                (Some(_), None) => {
+                    return Err(bad(
+                        module,
+                        "no config group of quantization_config covers this module with an integer num_bits",
+                    ))
+                }
+            };
             let (si, sb) = read(ckpt, &name("weight_shape"))?;
             let (rows, cols) = shape2(module, &i64s(&si, &sb)?)?;
             let (pi, pb) = read(ckpt, &name("weight_packed"))?;
@@ -395,6 +393,21 @@ fn decode_module(
             let width = (vi.dtype.bits() / 8) as usize;
             let dense = bitmask::expand(&vb, &mb, rows, cols, width)
                 .map_err(|e| bad(module, e.to_string()))?;
+            let (oi, ob) = read(ckpt, &name("row_offsets"))?;
+            let offsets = i64s(&oi, &ob)?;
+            let mrow = bitmask::mask_row_bytes(cols) as usize;
+            let mut expected = Vec::with_capacity(rows as usize);
+            let mut next = 0i64;
+            for row in mb.chunks(mrow.max(1)).take(rows as usize) {
+                expected.push(next);
+                next += row.iter().map(|b| i64::from(b.count_ones())).sum::<i64>();
+            }
+            if offsets != expected {
+                return Err(bad(
+                    &oi.name,
+                    "row offsets disagree with the bitmask (each row must start after the set bits of the rows before it)",
+                ));
+            }
             let info = TensorInfo {
                 name: name("weight"),
                 dtype: vi.dtype,
@@ -443,29 +456,188 @@ fn params_dtype(ckpt: &Checkpoint, scale: &str) -> DType {
     ckpt.info(scale).map(|(_, i)| i.dtype).unwrap_or(DType::F32)
 }
 
-/// The layout of each compressed module, found from tensor names and dtypes.
-fn find_modules(ckpt: &Checkpoint) -> BTreeMap<String, Layout> {
-    let mut out = BTreeMap::new();
+/// The layout of each compressed module, found from tensor names and dtypes, with every
+/// module checked for conflicting, missing and orphaned parts.
+fn find_modules(ckpt: &Checkpoint) -> Result<BTreeMap<String, Layout>, CompressError> {
+    let mut out: BTreeMap<String, Layout> = BTreeMap::new();
+    let has = |module: &str, part: &str| ckpt.info(&format!("{module}.{part}")).is_some();
     for (name, _) in ckpt.tensors.iter() {
         let Some((module, part)) = name.rsplit_once('.') else {
             continue;
         };
         let layout = match part {
-            "weight_packed" => Some(Layout::Packed),
-            "bitmask" => Some(Layout::Bitmask),
+            "weight_packed" => Layout::Packed,
+            "bitmask" => Layout::Bitmask,
             "weight_scale" => match ckpt.info(&format!("{module}.weight")).map(|(_, i)| i.dtype) {
-                Some(DType::I8) => Some(Layout::Int8),
-                Some(DType::F8E4M3) => Some(Layout::Fp8(Fp8Format::E4m3)),
-                Some(DType::F8E5M2) => Some(Layout::Fp8(Fp8Format::E5m2)),
-                _ => None,
+                Some(DType::I8) => Layout::Int8,
+                Some(DType::F8E4M3) => Layout::Fp8(Fp8Format::E4m3),
+                Some(DType::F8E5M2) => Layout::Fp8(Fp8Format::E5m2),
+                Some(other) => {
+                    if has(module, "weight_packed") {
+                        continue;
+                    }
+                    return Err(bad(
+                        name,
+                        format!("a weight scale next to a {other} weight; quantized weights are I8, F8_E4M3 or F8_E5M2"),
+                    ));
+                }
+                None => continue,
             },
-            _ => None,
+            _ => continue,
         };
-        if let Some(l) = layout {
-            out.insert(module.to_string(), l);
+        if let Some(prev) = out.insert(module.to_string(), layout) {
+            return Err(bad(
+                module,
+                format!(
+                    "stored both as {} and as {}",
+                    layout_name(prev),
+                    layout_name(layout)
+                ),
+            ));
         }
     }
-    out
+    for (module, layout) in &out {
+        let (required, forbidden): (&[&str], &[&str]) = match layout {
+            Layout::Packed => (
+                &["weight_packed", "weight_scale", "weight_shape"],
+                &["weight", "bitmask", "compressed"],
+            ),
+            Layout::Bitmask => (
+                &["shape", "compressed", "bitmask", "row_offsets"],
+                &["weight", "weight_packed", "weight_scale"],
+            ),
+            Layout::Int8 | Layout::Fp8(_) => (
+                &["weight", "weight_scale"],
+                &["weight_packed", "weight_shape", "bitmask", "compressed"],
+            ),
+        };
+        if let Some(missing) = required.iter().find(|p| !has(module, p)) {
+            return Err(bad(
+                module,
+                format!(
+                    "{} module without its {missing} tensor",
+                    layout_name(*layout)
+                ),
+            ));
+        }
+        if let Some(extra) = forbidden.iter().find(|p| has(module, p)) {
+            return Err(bad(
+                module,
+                format!(
+                    "{} module also has a {extra} tensor; which one holds the weight is ambiguous",
+                    layout_name(*layout)
+                ),
+            ));
+        }
+    }
+    // Parts whose module is not compressed, and quantized weights without a scale.
+    for (name, _) in ckpt.tensors.iter() {
+        let Some((module, part)) = name.rsplit_once('.') else {
+            continue;
+        };
+        if out.contains_key(module) {
+            continue;
+        }
+        let orphan = matches!(
+            part,
+            "weight_packed"
+                | "weight_scale"
+                | "weight_zero_point"
+                | "weight_shape"
+                | "bitmask"
+                | "row_offsets"
+        );
+        if orphan {
+            return Err(bad(
+                name,
+                "a compressed-weight part whose module has no complete compressed weight",
+            ));
+        }
+        if let Some((_, info)) = ckpt.info(name) {
+            if part == "weight" && matches!(info.dtype, DType::I8 | DType::F8E4M3 | DType::F8E5M2) {
+                return Err(bad(
+                    name,
+                    format!(
+                        "a {} weight without weight_scale cannot be dequantized",
+                        info.dtype
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The config group of a module, if `quantization_config` names one.
+fn config_group<'a>(qc: Option<&'a Value>, module: &str) -> Option<&'a Value> {
+    let groups = qc?.get("config_groups")?.as_object()?;
+    let ignored = qc?
+        .get("ignore")
+        .and_then(Value::as_array)
+        .is_some_and(|l| l.iter().any(|v| v.as_str() == Some(module)));
+    groups.values().find(|g| {
+        g.get("targets").and_then(Value::as_array).is_some_and(|t| {
+            t.iter().any(|t| match t.as_str() {
+                Some("Linear") => !ignored,
+                Some(name) => name == module,
+                None => false,
+            })
+        })
+    })
+}
+
+/// Checks what the config says of a module's weights against how they are stored.
+fn check_against_config(
+    ckpt: &Checkpoint,
+    module: &str,
+    layout: Layout,
+    qc: Option<&Value>,
+) -> Result<(), CompressError> {
+    if layout == Layout::Bitmask {
+        return Ok(());
+    }
+    let Some(weights) = config_group(qc, module).and_then(|g| g.get("weights")) else {
+        return Ok(());
+    };
+    let kind = weights.get("type").and_then(Value::as_str);
+    let bits = weights.get("num_bits").and_then(Value::as_u64);
+    let want_kind = match layout {
+        Layout::Fp8(_) => "float",
+        _ => "int",
+    };
+    if kind.is_some_and(|k| k != want_kind) {
+        return Err(bad(
+            module,
+            format!(
+                "stored as {} but quantization_config says type {:?}",
+                layout_name(layout),
+                kind.unwrap_or_default()
+            ),
+        ));
+    }
+    if matches!(layout, Layout::Int8 | Layout::Fp8(_)) && bits.is_some_and(|b| b != 8) {
+        return Err(bad(
+            module,
+            format!(
+                "stored with 8-bit values but quantization_config says num_bits {}",
+                bits.unwrap_or(0)
+            ),
+        ));
+    }
+    if let Some(symmetric) = weights.get("symmetric").and_then(Value::as_bool) {
+        let has_zero = ckpt.info(&format!("{module}.weight_zero_point")).is_some();
+        if symmetric == has_zero {
+            return Err(bad(
+                module,
+                if symmetric {
+                    "quantization_config says symmetric, but a weight_zero_point is stored"
+                } else {
+                    "quantization_config says asymmetric, but no weight_zero_point is stored"
+                },
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn layout_name(l: Layout) -> &'static str {
@@ -477,12 +649,11 @@ fn layout_name(l: Layout) -> &'static str {
     }
 }
 
-fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
+fn encode(name: &str, values: &[f32], dtype: DType) -> Result<Vec<u8>, CompressError> {
     let src: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let mut out = vec![0u8; values.len() * (dtype.bits() / 8) as usize];
-    let mut back = vec![0f32; values.len()];
-    cast_bytes(DType::F32, dtype, &src, &mut out, &mut back);
-    out
+    cast(DType::F32, dtype, &src, values.len())
+        .map(|(out, _)| out)
+        .map_err(|e| bad(name, e))
 }
 
 /// Decompresses the checkpoint at `input` into `out`, every float tensor as `dtype` (default:
@@ -511,7 +682,23 @@ pub fn decompress_local(
             _ => DType::F32,
         }
     });
-    let modules = find_modules(&ckpt);
+    if let Some(unlisted) = ckpt
+        .skipped_files
+        .iter()
+        .find(|f| f.ends_with(".safetensors"))
+    {
+        return Err(bad(
+            unlisted,
+            format!("not named by {INDEX_FILE}; a decompressed checkpoint would miss its tensors"),
+        ));
+    }
+    if ckpt.tensors.is_empty() {
+        return Err(bad(&ckpt.root, "the checkpoint holds no tensors"));
+    }
+    let modules = find_modules(&ckpt)?;
+    for (module, layout) in &modules {
+        check_against_config(&ckpt, module, *layout, qc)?;
+    }
     let staging = staging_dir(&out_abs)?;
     let result = write_dense(&ckpt, &modules, qc, dtype, &staging);
     match result {
@@ -612,16 +799,14 @@ fn write_dense(
                     let module = name.strip_suffix(".weight").unwrap_or(name);
                     let (values, _, _) = decode_module(ckpt, module, *l, qc)?;
                     *summary.modules.entry(layout_name(*l).into()).or_default() += 1;
-                    encode(&values, dtype)
+                    encode(name, &values, dtype)?
                 }
                 None => {
                     let (info, raw) = read(ckpt, name)?;
                     if info.dtype.is_transformable_float() && info.dtype != dtype {
-                        let mut out =
-                            vec![0u8; info.numel() as usize * (dtype.bits() / 8) as usize];
-                        let mut back = vec![0f32; info.numel() as usize];
-                        cast_bytes(info.dtype, dtype, &raw, &mut out, &mut back);
-                        out
+                        cast(info.dtype, dtype, &raw, info.numel() as usize)
+                            .map(|(out, _)| out)
+                            .map_err(|e| bad(name, e))?
                     } else {
                         raw
                     }

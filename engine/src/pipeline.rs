@@ -166,6 +166,19 @@ impl JobPlan {
 
 /// Decides every tensor's action and groups tensors into output shards.
 pub fn plan_job(ckpt: &Checkpoint, recipe: &Recipe) -> Result<JobPlan, CompressError> {
+    if let Some(qc) = ckpt
+        .config
+        .as_ref()
+        .and_then(|c| c.get("quantization_config"))
+    {
+        let method = qc
+            .get("quant_method")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown");
+        return Err(CompressError::Plan(format!(
+            "config.json: the input is already compressed (quantization_config, quant_method {method:?}); decompress it first (`shardpress decompress`)"
+        )));
+    }
     let structure = match &recipe.structured {
         Some(spec) => Some(Structure::plan(ckpt, spec).map_err(CompressError::Plan)?),
         None => None,
@@ -432,7 +445,17 @@ fn choose_layer_units(
                 continue;
             };
             let bytes = read_tensor(sources, task, t)?;
-            add_scores(&t.info, &bytes, scorer, &mut scores);
+            add_scores(&t.info, &bytes, scorer, &mut scores).map_err(|(row, col)| {
+                CompressError::Transform {
+                    file: task.file_name.clone(),
+                    source: TransformError {
+                        tensor: t.info.name.clone(),
+                        problem: format!(
+                            "non-finite weight at row {row}, column {col}; structured pruning cannot rank it"
+                        ),
+                    },
+                }
+            })?;
         }
         *slot = choose_units(&scores, unit.keep);
     }

@@ -116,9 +116,10 @@ pub struct Dims {
     pub hidden: u64,
 }
 
-/// Units kept out of `units` when removing `ratio` of them (at least one stays).
+/// Units kept out of `units` when removing `ratio` of them: never more than asked is removed,
+/// and at least one unit stays.
 pub fn kept_units(units: u64, ratio: f64) -> u64 {
-    let removed = (ratio * units as f64).round() as u64;
+    let removed = (ratio * units as f64 + 1e-9).floor() as u64;
     units.saturating_sub(removed).max(1)
 }
 
@@ -193,19 +194,29 @@ impl Structure {
         if spec.drop_layers.len() as u64 >= layers {
             return Err("drop_layers would remove every layer".into());
         }
+        let keep = |name: &str, what: &str, units: u64, ratio: f64| -> Result<u64, String> {
+            if ratio == 0.0 {
+                return Ok(units);
+            }
+            let kept = kept_units(units, ratio);
+            if kept == units {
+                return Err(format!(
+                    "{name} {ratio} of {units} {what} removes none; use at least {}",
+                    1.0 / units as f64
+                ));
+            }
+            Ok(kept)
+        };
         Ok(Self {
             dims,
             spec: spec.clone(),
-            keep_neurons: if spec.mlp_ratio > 0.0 {
-                kept_units(intermediate, spec.mlp_ratio)
-            } else {
-                intermediate
-            },
-            keep_kv: if spec.head_ratio > 0.0 {
-                kept_units(kv_heads, spec.head_ratio)
-            } else {
-                kv_heads
-            },
+            keep_neurons: keep("mlp_ratio", "MLP neurons", intermediate, spec.mlp_ratio)?,
+            keep_kv: keep(
+                "head_ratio",
+                "key/value head groups",
+                kv_heads,
+                spec.head_ratio,
+            )?,
         })
     }
 
@@ -220,6 +231,16 @@ impl Structure {
             hidden,
         } = self.dims;
         let spec = &self.spec;
+        if let Some((name, layer)) = ckpt
+            .tensors
+            .keys()
+            .filter_map(|n| Self::split(n).map(|(l, _)| (n, l)))
+            .find(|(_, l)| *l >= layers)
+        {
+            return Err(format!(
+                "structured pruning: tensor {name:?} belongs to layer {layer}, but config.json has num_hidden_layers {layers}"
+            ));
+        }
         let q_rows = heads * head_dim;
         let kv_rows = kv_heads * head_dim;
         for layer in (0..layers).filter(|l| !spec.drop_layers.contains(l)) {
@@ -409,7 +430,13 @@ pub fn sliced_info(info: &TensorInfo, name: &str, slice: Option<&Slice>) -> Tens
 }
 
 /// Adds the squared L2 norm of every unit's weights in `bytes` (a 2-D tensor) to `scores`.
-pub fn add_scores(info: &TensorInfo, bytes: &[u8], scorer: &Scorer, scores: &mut [f64]) {
+/// `Err` gives the row and column of a NaN or infinite weight, which cannot be ranked.
+pub fn add_scores(
+    info: &TensorInfo,
+    bytes: &[u8],
+    scorer: &Scorer,
+    scores: &mut [f64],
+) -> Result<(), (u64, u64)> {
     let (rows, cols) = info.rows_cols();
     let (rows, cols) = (rows as usize, cols as usize);
     let width = (info.dtype.bits() / 8) as usize;
@@ -417,6 +444,9 @@ pub fn add_scores(info: &TensorInfo, bytes: &[u8], scorer: &Scorer, scores: &mut
     let mut row = vec![0f32; cols];
     for (r, raw) in bytes.chunks_exact(cols * width).take(rows).enumerate() {
         decode_f32(info.dtype, raw, &mut row);
+        if let Some(c) = row.iter().position(|x| !x.is_finite()) {
+            return Err((r as u64, c as u64));
+        }
         if scorer.axis == 0 {
             if let Some(s) = scores.get_mut(r / len) {
                 *s += row
@@ -432,6 +462,7 @@ pub fn add_scores(info: &TensorInfo, bytes: &[u8], scorer: &Scorer, scores: &mut
             }
         }
     }
+    Ok(())
 }
 
 /// The `keep` highest-scoring units (ties to the lower index), ascending. Non-finite scores
@@ -542,10 +573,12 @@ mod tests {
                 unit_len: 1,
             },
             &mut scores,
-        );
+        )
+        .expect("finite");
         assert_eq!(scores, vec![2.0, 9.0, 1.0, 2.0]);
         assert_eq!(choose_units(&scores, 2), vec![0, 1]);
-        assert_eq!(kept_units(11, 0.25), 8);
+        assert_eq!(kept_units(11, 0.25), 9);
+        assert_eq!(kept_units(100, 0.29), 71);
         assert_eq!(kept_units(2, 0.9), 1);
     }
 }

@@ -11,6 +11,9 @@ use shardpress_engine::{compress_local, LocalOptions, Recipe, Report};
 
 use crate::size::human;
 
+/// More threads than this only costs memory: the work is split per tensor and per row.
+const MAX_THREADS: usize = 1024;
+
 const RECIPE_HELP: &str = "\
 RECIPES
   A recipe is a preset name or a TOML file of ordered rules. Each tensor takes the action of the
@@ -119,7 +122,10 @@ pub fn run(args: Args) -> Result<()> {
     let recipe = Recipe::load(&args.recipe)?;
     let mut pool = rayon::ThreadPoolBuilder::new();
     if let Some(n) = args.threads {
-        anyhow::ensure!(n >= 1, "--threads must be at least 1");
+        anyhow::ensure!(
+            (1..=MAX_THREADS).contains(&n),
+            "--threads must be 1 to {MAX_THREADS}, got {n}"
+        );
         pool = pool.num_threads(n);
     }
     let pool = pool.build().context("starting worker threads")?;

@@ -118,7 +118,8 @@ pub enum QuantError {
     },
     /// A scale does not fit the scale dtype.
     #[error(
-        "scale {scale:e} of row {row}, group {group} is not representable in {dtype}; use scale_dtype = \"f32\""
+        "scale {scale:e} of row {row}, group {group} is not representable in {dtype}{}",
+        scale_hint(*dtype)
     )]
     Scale {
         /// Row.
@@ -130,6 +131,14 @@ pub enum QuantError {
         /// Scale dtype.
         dtype: DType,
     },
+}
+
+fn scale_hint(dtype: DType) -> &'static str {
+    if dtype == DType::F32 {
+        "; the weights are too large to quantize"
+    } else {
+        "; use scale_dtype = \"f32\""
+    }
 }
 
 /// A quantized matrix.
