@@ -714,3 +714,78 @@ fn the_mse_observer_beats_minmax_on_every_int4_tensor() {
         "mse"
     );
 }
+
+/// Recipe variants beyond the presets: odd bit widths, per-tensor scales, e5m2, asymmetric
+/// int8 with activations, row-scoped magnitude pruning stored dense, N:M other than 2:4.
+const VARIANTS: [(&str, &str); 6] = [
+    (
+        "int3-asym-g64",
+        "bits = 3\nsymmetric = false\nstrategy = \"group\"\ngroup_size = 64\naction = \"quantize\"",
+    ),
+    (
+        "int5-tensor",
+        "bits = 5\nstrategy = \"tensor\"\naction = \"quantize\"\nscale_dtype = \"bf16\"",
+    ),
+    (
+        "int7-channel-mse",
+        "bits = 7\nstrategy = \"channel\"\nobserver = \"mse\"\naction = \"quantize\"",
+    ),
+    (
+        "fp8-e5m2-tensor",
+        "type = \"float\"\nformat = \"e5m2\"\nstrategy = \"tensor\"\naction = \"quantize\"",
+    ),
+    (
+        "w8a8-asym",
+        "bits = 8\nsymmetric = false\nactivations = \"tensor\"\naction = \"quantize\"",
+    ),
+    (
+        "prune-row-dense-then-3of8",
+        "action = \"prune\"\nprune = \"magnitude\"\nsparsity = 0.3\nprune_scope = \"row\"\nstorage = \"dense\"",
+    ),
+];
+
+#[test]
+fn recipe_variants_decode_to_the_bit() {
+    let setup = setup();
+    for (name, rule) in VARIANTS {
+        let tmp = temp_dir();
+        let recipe = tmp.path().join(format!("{name}.toml"));
+        let mut text = format!("name = \"{name}\"\n[[rules]]\ntargets = [\"*.weight\"]\n{rule}\n");
+        if name == "prune-row-dense-then-3of8" {
+            // The first rule takes the attention weights; the rest get 3:8 then int4.
+            text = format!(
+                "name = \"{name}\"\n[[rules]]\ntargets = [\"re:.*attention.*\"]\n{rule}\n[[rules]]\ntargets = [\"*.weight\"]\naction = \"quantize\"\nbits = 4\nprune = \"3:8\"\n"
+            );
+        }
+        fs::write(&recipe, text).unwrap_or_else(|e| panic!("cannot write {name}: {e}"));
+        let out = tmp.path().join("out");
+        let dense = tmp.path().join("dense");
+        let recipe_arg = recipe
+            .to_str()
+            .unwrap_or_else(|| panic!("non-UTF-8 temp path"));
+        compress(&setup.model, recipe_arg, &out, 2);
+        decompress(&out, &dense, "f32");
+        let decoded = run_checker(
+            &setup,
+            "decode_output.py",
+            &[
+                "--output".as_ref(),
+                out.as_os_str(),
+                "--decompressed".as_ref(),
+                dense.as_os_str(),
+                "--dtype".as_ref(),
+                "f32".as_ref(),
+            ],
+        );
+        assert_eq!(decoded["tensors"], Value::from(104), "{name}: {decoded}");
+        let report = read_json(&out.join("report.json"));
+        let totals = &report["totals"];
+        if name == "prune-row-dense-then-3of8" {
+            // 24 attention matrices pruned and stored dense, 13 pruned 3:8 then quantized.
+            assert_eq!(totals["pruned"], Value::from(37), "{name}: {totals}");
+            assert_eq!(totals["quantized"], Value::from(13), "{name}: {totals}");
+        } else {
+            assert_eq!(totals["quantized"], Value::from(37), "{name}: {totals}");
+        }
+    }
+}
