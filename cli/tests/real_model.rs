@@ -581,6 +581,23 @@ fn decompress(out: &Path, dense: &Path, dtype: &str) {
     );
 }
 
+/// Runs the independent decoder over `out` and requires it to agree with `dense` (written by
+/// `shardpress decompress --dtype DTYPE`) to the bit; returns its summary.
+fn decode_agrees(setup: &Setup, out: &Path, dense: &Path, dtype: &str) -> Value {
+    run_checker(
+        setup,
+        "decode_output.py",
+        &[
+            "--output".as_ref(),
+            out.as_os_str(),
+            "--decompressed".as_ref(),
+            dense.as_os_str(),
+            "--dtype".as_ref(),
+            dtype.as_ref(),
+        ],
+    )
+}
+
 #[test]
 fn every_compression_preset_decodes_to_the_bit_and_meets_its_error_bound() {
     let setup = setup();
@@ -593,18 +610,7 @@ fn every_compression_preset_decodes_to_the_bit_and_meets_its_error_bound() {
         // Alternate target dtypes so both the f32 and the bf16 paths are compared.
         let dtype = if i % 2 == 0 { "f32" } else { "bf16" };
         decompress(&out, &dense, dtype);
-        let decoded = run_checker(
-            &setup,
-            "decode_output.py",
-            &[
-                "--output".as_ref(),
-                out.as_os_str(),
-                "--decompressed".as_ref(),
-                dense.as_os_str(),
-                "--dtype".as_ref(),
-                dtype.as_ref(),
-            ],
-        );
+        let decoded = decode_agrees(&setup, &out, &dense, dtype);
         assert_eq!(decoded["tensors"], Value::from(104), "{recipe}: {decoded}");
         let compressed: u64 = decoded["by_format"]
             .as_object()
@@ -765,18 +771,7 @@ fn recipe_variants_decode_to_the_bit() {
             .unwrap_or_else(|| panic!("non-UTF-8 temp path"));
         compress(&setup.model, recipe_arg, &out, 2);
         decompress(&out, &dense, "f32");
-        let decoded = run_checker(
-            &setup,
-            "decode_output.py",
-            &[
-                "--output".as_ref(),
-                out.as_os_str(),
-                "--decompressed".as_ref(),
-                dense.as_os_str(),
-                "--dtype".as_ref(),
-                "f32".as_ref(),
-            ],
-        );
+        let decoded = decode_agrees(&setup, &out, &dense, "f32");
         assert_eq!(decoded["tensors"], Value::from(104), "{name}: {decoded}");
         let report = read_json(&out.join("report.json"));
         let totals = &report["totals"];

@@ -35,6 +35,19 @@ fn shardpress(args: &[&std::ffi::OsStr]) -> Output {
         .unwrap_or_else(|e| panic!("cannot run shardpress: {e}"))
 }
 
+/// `shardpress compress MODEL --recipe RECIPE --out OUT --quiet`.
+fn compress(model: &Path, recipe: &Path, out: &Path) -> Output {
+    shardpress(&[
+        "compress".as_ref(),
+        model.as_os_str(),
+        "--recipe".as_ref(),
+        recipe.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+        "--quiet".as_ref(),
+    ])
+}
+
 fn read_json(path: &Path) -> Value {
     let bytes =
         std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
@@ -81,15 +94,7 @@ fn pruned_layers_match_the_original_with_removed_units_zeroed() {
         "name = \"slim\"\n[structured]\nmlp_ratio = 0.25\nhead_ratio = 0.5\ndrop_layers = [1]\n",
     );
     let out = tmp.path().join("out");
-    let o = shardpress(&[
-        "compress".as_ref(),
-        model.as_os_str(),
-        "--recipe".as_ref(),
-        recipe.as_os_str(),
-        "--out".as_ref(),
-        out.as_os_str(),
-        "--quiet".as_ref(),
-    ]);
+    let o = compress(&model, &recipe, &out);
     assert!(o.status.success(), "{}", describe(&o));
 
     let config = read_json(&out.join("config.json"));
@@ -167,15 +172,7 @@ fn structured_pruning_combines_with_quantization() {
         "[structured]\nmlp_ratio = 0.5\n[[rules]]\ntargets = [\"*.weight\"]\naction = \"quantize\"\nbits = 4\nstrategy = \"group\"\ngroup_size = 8\n",
     );
     let out = tmp.path().join("out");
-    let o = shardpress(&[
-        "compress".as_ref(),
-        model.as_os_str(),
-        "--recipe".as_ref(),
-        recipe.as_os_str(),
-        "--out".as_ref(),
-        out.as_os_str(),
-        "--quiet".as_ref(),
-    ]);
+    let o = compress(&model, &recipe, &out);
     assert!(o.status.success(), "{}", describe(&o));
     let got = shapes(&out);
     // down_proj keeps 12 of 24 columns: 12 int4 values pack into 2 words per row.
@@ -235,14 +232,7 @@ fn structured_pruning_refuses_what_it_cannot_apply() {
     for (text, want) in cases {
         let recipe = write_recipe(tmp.path(), text);
         let out = tmp.path().join("out");
-        let o = shardpress(&[
-            "compress".as_ref(),
-            model.as_os_str(),
-            "--recipe".as_ref(),
-            recipe.as_os_str(),
-            "--out".as_ref(),
-            out.as_os_str(),
-        ]);
+        let o = compress(&model, &recipe, &out);
         assert!(!o.status.success(), "{text}");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(want), "{text}: {err}");
@@ -254,14 +244,7 @@ fn structured_pruning_refuses_what_it_cannot_apply() {
     config["num_hidden_layers"] = json!(2);
     std::fs::write(&config_path, config.to_string()).unwrap_or_else(|e| panic!("{e}"));
     let recipe = write_recipe(tmp.path(), "[structured]\nmlp_ratio = 0.5\n");
-    let o = shardpress(&[
-        "compress".as_ref(),
-        model.as_os_str(),
-        "--recipe".as_ref(),
-        recipe.as_os_str(),
-        "--out".as_ref(),
-        tmp.path().join("out3").as_os_str(),
-    ]);
+    let o = compress(&model, &recipe, &tmp.path().join("out3"));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("belongs to layer 2, but config.json has num_hidden_layers 2"),
@@ -281,14 +264,7 @@ fn structured_pruning_refuses_what_it_cannot_apply() {
         )],
     );
     let recipe = write_recipe(tmp.path(), "[structured]\nmlp_ratio = 0.5\n");
-    let o = shardpress(&[
-        "compress".as_ref(),
-        model.as_os_str(),
-        "--recipe".as_ref(),
-        recipe.as_os_str(),
-        "--out".as_ref(),
-        tmp.path().join("out2").as_os_str(),
-    ]);
+    let o = compress(&model, &recipe, &tmp.path().join("out2"));
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
