@@ -234,3 +234,50 @@ fn an_already_compressed_input_is_not_compressed_again() {
     assert!(err.contains("already compressed"), "{err}");
     assert!(!again.exists());
 }
+
+#[test]
+fn a_single_file_input_gets_a_config_that_decompress_reads() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).expect("mkdir");
+    shardpress_testkit::write_f32_checkpoint(
+        &model,
+        &[shardpress_engine::safetensors::TensorSpec::new(
+            "model.layers.0.mlp.up_proj.weight",
+            shardpress_engine::DType::F32,
+            vec![8, 16],
+        )],
+    );
+    let file = model.join("model.safetensors");
+    let out = tmp.path().join("out");
+    let o = run(&[
+        "compress".as_ref(),
+        file.as_os_str(),
+        "--recipe".as_ref(),
+        "w4a16-asym".as_ref(),
+        "--out".as_ref(),
+        out.as_os_str(),
+        "--quiet".as_ref(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).expect("config"))
+            .expect("json");
+    assert_eq!(config["quantization_config"]["format"], "pack-quantized");
+    let dense = tmp.path().join("dense");
+    let o = run(&[
+        "decompress".as_ref(),
+        out.as_os_str(),
+        "--out".as_ref(),
+        dense.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let shard = shard_of(&dense, "model.layers.0.mlp.up_proj.weight");
+    let bytes = std::fs::read(shard).expect("dense shard");
+    let st = SafeTensors::deserialize(&bytes).expect("parse");
+    let w = st
+        .tensor("model.layers.0.mlp.up_proj.weight")
+        .expect("weight");
+    assert_eq!(w.shape(), &[8, 16]);
+    assert_eq!(w.dtype(), Dtype::F32);
+}

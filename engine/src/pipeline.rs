@@ -570,13 +570,18 @@ pub fn finalize_metadata(
         }),
     };
     report.compute_totals();
-    let config = files.config.as_ref().map(|c| {
-        let c = hf_config::rewrite(c, &actions, report.totals.global_sparsity);
-        match structure {
-            Some(s) => s.rewrite_config(&c),
-            None => c,
+    let config = match files.config.as_ref() {
+        Some(c) => {
+            let c = hf_config::rewrite(c, &actions, report.totals.global_sparsity);
+            Some(match structure {
+                Some(s) => s.rewrite_config(&c),
+                None => c,
+            })
         }
-    });
+        // Without an input config, loaders and `decompress` still need to know the layout.
+        None => hf_config::quantization_config(&actions, report.totals.global_sparsity)
+            .map(|q| json!({ "quantization_config": q })),
+    };
     Finalized {
         index,
         config,

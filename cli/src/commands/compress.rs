@@ -39,8 +39,8 @@ RECIPES
     observer = \"minmax\"                        # minmax | mse (least-squares clipping range)
     activations = \"none\"                       # none | token | tensor: dynamic 8-bit activations
                                                #   (int: needs bits = 8; float: format = e4m3|e5m2)
-    prune = \"2:4\"                              # optional, before quantizing: \"magnitude\" | \"N:M\"
-    indivisible = \"dense\"                      # N:M on columns not divisible by M: error | dense
+    # prune = \"2:4\"                            # optional, before quantizing: \"magnitude\" | \"N:M\"
+    # indivisible = \"dense\"                    # N:M on columns not divisible by M: error | dense
   Pruning alone: action = \"prune\", prune = \"magnitude\" with sparsity = 0.5 and
   prune_scope = \"tensor\"|\"row\", or prune = \"N:M\"; storage = \"bitmask\" (sparse-bitmask) or
   \"dense\" (zeros in place).
@@ -59,8 +59,8 @@ PRESETS (`shardpress recipes NAME` prints one as TOML; sizes relative to bf16 we
   w4a16-asym  int4 asym (zero points), groups of 128       ~0.28x; vLLM, Transformers
   w8a8        int8 per channel + dynamic per-token int8    ~0.5x; vLLM int-quantized
   fp8         e4m3 per channel + dynamic per-token fp8     ~0.5x; vLLM float-quantized
-  sparse50    50% magnitude pruning, sparse-bitmask        ~0.56x; Transformers (compressed-tensors)
-  2of4        2:4 pruning, sparse-bitmask                  ~0.56x; Transformers (compressed-tensors)
+  sparse50    50% magnitude pruning, sparse-bitmask        ~0.53-0.56x of the input; decompress to load
+  2of4        2:4 pruning, sparse-bitmask                  ~0.53-0.56x of the input; decompress to load
   2of4-w4a16  2:4 pruning then int4 g128, zeros exact      ~0.27x; vLLM, Transformers
   `shardpress decompress` turns any output back into a plain dense checkpoint.
 
@@ -191,7 +191,7 @@ fn print_summary(args: &Args, report: &Report, secs: f64) {
         "{:<9} {:>7} {:>11} {:>11} {:>6} {:>9} {:>9}",
         "action", "tensors", "bytes in", "bytes out", "ratio", "mean err", "max err"
     );
-    for action in ["quantize", "cast", "keep"] {
+    for action in ["prune", "quantize", "cast", "keep"] {
         let rows: Vec<&TensorReport> = report
             .tensors
             .iter()

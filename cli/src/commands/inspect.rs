@@ -1,5 +1,6 @@
 //! `shardpress inspect`: validate a checkpoint from its headers and show the plan.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -16,7 +17,7 @@ pub struct Args {
     /// Checkpoint directory or single .safetensors file.
     input: PathBuf,
     /// Recipe to plan with (preset name or TOML file).
-    #[arg(long, default_value = "w8a16")]
+    #[arg(long, short, env = "SHARDPRESS_RECIPE", default_value = "w8a16")]
     recipe: String,
 }
 
@@ -25,7 +26,9 @@ pub fn run(args: Args) -> Result<()> {
     let recipe = Recipe::load(&args.recipe)?;
     let ckpt = Checkpoint::open_local(&args.input)?;
     let plan = plan_job(&ckpt, &recipe).context("planning")?;
-    println!(
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "{}: {} shard(s), {} tensors, {} of tensor data; {} output shard(s) with recipe {}",
         args.input.display(),
         ckpt.shards.len(),
@@ -33,9 +36,9 @@ pub fn run(args: Args) -> Result<()> {
         human(ckpt.tensor_bytes()),
         plan.tasks.len(),
         recipe.name
-    );
+    )?;
     for g in &plan.tasks {
-        println!("{}  [{}]  {}", g.file_name, g.key, human(g.bytes_in()));
+        writeln!(out, "{}  [{}]  {}", g.file_name, g.key, human(g.bytes_in()))?;
         for t in &g.tensors {
             let (kind, detail) = describe(&t.action);
             let action = match &t.action {
@@ -43,24 +46,25 @@ pub fn run(args: Args) -> Result<()> {
                 TensorAction::Cast(_) => format!("cast to {detail}"),
                 _ => format!("{kind} {detail}"),
             };
-            let out = t.out_info();
-            let renamed = if out.name != t.info.name || out.shape != t.info.shape {
-                format!("  -> {} {:?}", out.name, out.shape)
+            let to = t.out_info();
+            let renamed = if to.name != t.info.name || to.shape != t.info.shape {
+                format!("  -> {} {:?}", to.name, to.shape)
             } else {
                 String::new()
             };
-            println!(
+            writeln!(
+                out,
                 "    {:<60} {:<5} {:<16} {}{}",
                 t.info.name,
                 t.info.dtype.to_string(),
                 format!("{:?}", t.info.shape),
                 action,
                 renamed
-            );
+            )?;
         }
     }
     if !ckpt.skipped_files.is_empty() {
-        println!("not carried over: {}", ckpt.skipped_files.join(", "));
+        writeln!(out, "not carried over: {}", ckpt.skipped_files.join(", "))?;
     }
     Ok(())
 }

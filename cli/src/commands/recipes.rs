@@ -3,6 +3,7 @@
 use anyhow::{bail, Result};
 use shardpress_engine::recipe::{preset, PRESETS};
 use shardpress_engine::Recipe;
+use std::io::Write;
 
 /// List the built-in recipes, or print one as TOML to start your own from.
 #[derive(Debug, clap::Args)]
@@ -19,13 +20,14 @@ pub fn run(args: Args) -> Result<()> {
                 let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
                 bail!("no preset {name:?}; presets: {}", names.join(", "));
             };
-            print!("{text}");
+            std::io::stdout().lock().write_all(text.as_bytes())?;
         }
         None => {
+            let mut out = std::io::stdout().lock();
             for (name, text) in PRESETS {
                 let recipe = Recipe::from_toml(text, name)?;
                 let desc = recipe.source.description.unwrap_or_default();
-                println!("{name:<11} {desc}");
+                writeln!(out, "{name:<11} {desc}")?;
             }
         }
     }
