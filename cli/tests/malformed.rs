@@ -866,7 +866,14 @@ fn single_file_given_directly() {
     assert_kept(&out, &tensors[1]);
     assert_kept(&out, &tensors[2]);
     assert_int8_channel(&out, Q, 4, 8, &qv);
-    assert!(!w.out().join("config.json").exists());
+    // The directory's config.json is not carried over; the output gets one that records
+    // only how the weights are stored.
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(w.out().join("config.json")).expect("config.json"))
+            .expect("config.json is JSON");
+    let keys: Vec<&String> = config.as_object().expect("object").keys().collect();
+    assert_eq!(keys, ["quantization_config"]);
+    assert_eq!(config["quantization_config"]["format"], "pack-quantized");
 }
 
 #[test]
