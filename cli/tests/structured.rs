@@ -48,6 +48,15 @@ fn compress(model: &Path, recipe: &Path, out: &Path) -> Output {
     ])
 }
 
+/// A temporary directory holding the small Llama checkpoint in `model/`.
+fn llama_in_tempdir() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap_or_else(|e| panic!("mkdir: {e}"));
+    llama(&model);
+    (tmp, model)
+}
+
 fn read_json(path: &Path) -> Value {
     let bytes =
         std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
@@ -85,10 +94,7 @@ fn shapes(dir: &Path) -> std::collections::BTreeMap<String, Vec<u64>> {
 
 #[test]
 fn pruned_layers_match_the_original_with_removed_units_zeroed() {
-    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-    let model = tmp.path().join("model");
-    std::fs::create_dir_all(&model).unwrap_or_else(|e| panic!("mkdir: {e}"));
-    llama(&model);
+    let (tmp, model) = llama_in_tempdir();
     let recipe = write_recipe(
         tmp.path(),
         "name = \"slim\"\n[structured]\nmlp_ratio = 0.25\nhead_ratio = 0.5\ndrop_layers = [1]\n",
@@ -163,10 +169,7 @@ fn pruned_layers_match_the_original_with_removed_units_zeroed() {
 
 #[test]
 fn structured_pruning_combines_with_quantization() {
-    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-    let model = tmp.path().join("model");
-    std::fs::create_dir_all(&model).unwrap_or_else(|e| panic!("mkdir: {e}"));
-    llama(&model);
+    let (tmp, model) = llama_in_tempdir();
     let recipe = write_recipe(
         tmp.path(),
         "[structured]\nmlp_ratio = 0.5\n[[rules]]\ntargets = [\"*.weight\"]\naction = \"quantize\"\nbits = 4\nstrategy = \"group\"\ngroup_size = 8\n",
@@ -211,10 +214,7 @@ fn structured_pruning_combines_with_quantization() {
 
 #[test]
 fn structured_pruning_refuses_what_it_cannot_apply() {
-    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-    let model = tmp.path().join("model");
-    std::fs::create_dir_all(&model).unwrap_or_else(|e| panic!("mkdir: {e}"));
-    llama(&model);
+    let (tmp, model) = llama_in_tempdir();
     let cases = [
         (
             "[structured]\ndrop_layers = [3]\n",

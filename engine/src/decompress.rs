@@ -19,7 +19,7 @@ use crate::dtype::DType;
 use crate::kernels::bitmask;
 use crate::kernels::convert::decode_f32;
 use crate::kernels::fp8::Fp8Format;
-use crate::kernels::int_quant::unpack_values;
+use crate::kernels::int_quant::{self, unpack_values};
 use crate::pipeline::{check_output, json_bytes, publish, staging_dir, CompressError};
 use crate::safetensors::{ShardWriter, TensorInfo, TensorSpec};
 
@@ -299,35 +299,12 @@ fn decode_module(
                     .chunks_exact(4)
                     .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                     .collect();
-                // Packed along rows: unpack the transpose.
-                let mut z = vec![0i32; (prow * groups) as usize];
-                let offset = 1i32 << (bits - 1);
-                let mask = (1u32 << bits) - 1;
-                for r in 0..prow {
-                    for g in 0..groups {
-                        let word = zw[((r / pf) * groups + g) as usize];
-                        let u = (word >> ((r % pf) as u32 * u32::from(bits))) & mask;
-                        z[(r * groups + g) as usize] = u as i32 - offset;
-                    }
-                }
+                let z = zero_points_from_words(&zw, prow, groups, bits);
                 Some(z)
             } else {
                 None
             };
-            let params = Params::new(
-                module,
-                scale,
-                zeros,
-                rows,
-                cols,
-                config_group_size(qc, module),
-            )?;
-            let dtype = params_dtype(ckpt, &name("weight_scale"));
-            Ok((
-                dequantize_ints(&q, rows, cols, &params),
-                dtype,
-                vec![rows, cols],
-            ))
+            int_module(module, &q, scale, zeros, rows, cols, qc)
         }
         Layout::Int8 | Layout::Fp8(_) => {
             let (wi, wb) = read(ckpt, &name("weight"))?;
@@ -361,20 +338,8 @@ fn decode_module(
             } else {
                 None
             };
-            let params = Params::new(
-                module,
-                scale,
-                zeros,
-                rows,
-                cols,
-                config_group_size(qc, module),
-            )?;
             let q: Vec<i32> = wb.iter().map(|b| i32::from(*b as i8)).collect();
-            Ok((
-                dequantize_ints(&q, rows, cols, &params),
-                dtype,
-                vec![rows, cols],
-            ))
+            int_module(module, &q, scale, zeros, rows, cols, qc)
         }
         Layout::Bitmask => {
             let (si, sb) = read(ckpt, &name("shape"))?;
@@ -452,8 +417,39 @@ fn module_shape(
     Ok(vec![r, c])
 }
 
-fn params_dtype(ckpt: &Checkpoint, scale: &str) -> DType {
-    ckpt.info(scale).map(|(_, i)| i.dtype).unwrap_or(DType::F32)
+/// Dequantizes signed integer weights with their scales and zero points; returns the values,
+/// the scale dtype and the shape.
+fn int_module(
+    module: &str,
+    q: &[i32],
+    scale: (TensorInfo, Vec<u8>),
+    zeros: Option<Vec<i32>>,
+    rows: u64,
+    cols: u64,
+    qc: Option<&Value>,
+) -> Result<(Vec<f32>, DType, Vec<u64>), CompressError> {
+    let dtype = scale.0.dtype;
+    let params = Params::new(
+        module,
+        scale,
+        zeros,
+        rows,
+        cols,
+        config_group_size(qc, module),
+    )?;
+    Ok((
+        dequantize_ints(q, rows, cols, &params),
+        dtype,
+        vec![rows, cols],
+    ))
+}
+
+/// Zero points packed along the rows (`[ceil(rows / pf), cols]` words), as signed values.
+fn zero_points_from_words(words: &[u32], rows: u64, cols: u64, bits: u8) -> Vec<i32> {
+    int_quant::unpack_along_rows(words, rows, cols, bits)
+        .into_iter()
+        .map(i32::from)
+        .collect()
 }
 
 /// The layout of each compressed module, found from tensor names and dtypes, with every

@@ -416,6 +416,23 @@ pub fn pack_along_rows(values: &[i8], rows: u64, cols: u64, bits: u8) -> Vec<u32
     out
 }
 
+/// The inverse of [`pack_along_rows`]: `rows × cols` signed values from
+/// `[ceil(rows / pf), cols]` words.
+pub fn unpack_along_rows(words: &[u32], rows: u64, cols: u64, bits: u8) -> Vec<i8> {
+    let pf = u64::from(32 / u32::from(bits));
+    let offset = 1i32 << (bits - 1);
+    let mask = (1u32 << bits) - 1;
+    let mut out = Vec::with_capacity((rows * cols) as usize);
+    for r in 0..rows {
+        for c in 0..cols {
+            let word = words[((r / pf) * cols + c) as usize];
+            let u = (word >> ((r % pf) as u32 * u32::from(bits))) & mask;
+            out.push((u as i32 - offset) as i8);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,6 +490,7 @@ mod tests {
         assert!(q.stats.max_abs_err <= q.scales.iter().cloned().fold(0.0, f32::max) / 2.0 + 1e-6);
         let zp = pack_along_rows(&q.zero_points, 2, 2, 4);
         assert_eq!(zp.len(), 2);
+        assert_eq!(unpack_along_rows(&zp, 2, 2, 4), q.zero_points);
         assert_eq!((zp[0] & 0xf) as i32 - 8, i32::from(q.zero_points[0]));
         assert_eq!(((zp[0] >> 4) & 0xf) as i32 - 8, i32::from(q.zero_points[2]));
     }
