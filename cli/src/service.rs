@@ -222,6 +222,12 @@ pub fn job_json(job: &Job) -> Value {
         "started_at": non_empty(&job.started_at),
         "finished_at": non_empty(&job.finished_at),
         "idempotency_key": job.idempotency_key,
+        "memory": {
+            "largest_reservation_bytes": job.memory_reserved_bytes,
+            "peak_task_bytes": job.memory_peak_bytes,
+            "wait_ms": job.memory_wait_ms,
+            "reuse_rate": job.memory_reuse_rate,
+        },
     })
 }
 
@@ -259,6 +265,15 @@ pub fn job_text(job: &Job) -> String {
             ratio_text(job.ratio)
         ),
     ];
+    if job.memory_reserved_bytes > 0 {
+        lines.push(format!(
+            "memory       peak {} per task (largest reservation {})  waited {:.1}s  {:.0}% of buffers reused",
+            human(job.memory_peak_bytes),
+            human(job.memory_reserved_bytes),
+            job.memory_wait_ms as f64 / 1000.0,
+            job.memory_reuse_rate * 100.0
+        ));
+    }
     if !job.labels.is_empty() {
         let mut labels: Vec<String> = job.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         labels.sort();

@@ -123,19 +123,25 @@ impl Cluster {
     }
 
     fn start_worker(&mut self, concurrency: &str) {
+        self.start_worker_with(concurrency, &[]);
+    }
+
+    fn start_worker_with(&mut self, concurrency: &str, extra: &[&str]) {
         let url = self.url();
         let endpoint = self.s3.endpoint();
+        let mut args = vec![
+            "worker",
+            "--coordinator",
+            &url,
+            "--concurrency",
+            concurrency,
+            "--s3-endpoint",
+            &endpoint,
+            "--s3-path-style",
+        ];
+        args.extend_from_slice(extra);
         let child = self
-            .command(&[
-                "worker",
-                "--coordinator",
-                &url,
-                "--concurrency",
-                concurrency,
-                "--s3-endpoint",
-                &endpoint,
-                "--s3-path-style",
-            ])
+            .command(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -257,8 +263,10 @@ async fn assert_same_as_local(c: &Cluster, model: &Path, recipe: &str, prefix: &
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_compress_the_real_checkpoint_like_the_local_command() {
     let mut c = Cluster::start().await;
-    c.start_worker("2");
-    c.start_worker("2");
+    // 64 MiB is less than the embedding (45 MiB of f32) plus a task's upload buffers, so it
+    // is read and written in row blocks; the output must still match the unlimited local run.
+    c.start_worker_with("2", &["--memory-limit", "64MiB"]);
+    c.start_worker_with("2", &["--memory-limit", "64MiB"]);
     let id = c.submit();
     let watch = c.cli(&["watch", &id]);
     assert!(
@@ -271,6 +279,16 @@ async fn two_workers_compress_the_real_checkpoint_like_the_local_command() {
     assert_eq!(st["state"], "succeeded", "{st}");
     assert_eq!(st["tasks_total"], 8, "{st}");
     assert_eq!(st["tasks"]["succeeded"], 8, "{st}");
+    let memory = &st["memory"];
+    let reserved = memory["largest_reservation_bytes"].as_u64().unwrap_or(0);
+    let peak = memory["peak_task_bytes"].as_u64().unwrap_or(0);
+    assert_eq!(
+        reserved,
+        64 << 20,
+        "the embedding's task takes the whole budget: {st}"
+    );
+    assert!(peak > 24 << 20 && peak <= reserved, "{st}");
+    assert!(memory["reuse_rate"].as_f64().unwrap_or(0.0) > 0.0, "{st}");
     assert_matches_local(&c).await;
 
     let db = c.db().await;
@@ -305,6 +323,13 @@ async fn two_workers_compress_the_real_checkpoint_like_the_local_command() {
         .await
         .expect("attempts");
     assert_eq!(attempts, 8);
+    let recorded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tasks WHERE (memory ->> 'reserved')::bigint BETWEEN 1 AND 67108864",
+    )
+    .fetch_one(&db)
+    .await
+    .expect("memory");
+    assert_eq!(recorded, 8, "every task reports its memory");
     let _ = &c.pg;
 }
 

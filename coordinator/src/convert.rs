@@ -71,5 +71,9 @@ pub fn job(s: &JobStatus) -> Job {
         finished_at: ts(s.finished_at),
         idempotency_key: s.idempotency_key.clone(),
         progress: s.progress,
+        memory_reserved_bytes: s.memory_reserved_bytes.max(0) as u64,
+        memory_peak_bytes: s.memory_peak_bytes.max(0) as u64,
+        memory_wait_ms: s.memory_wait_ms.max(0) as u64,
+        memory_reuse_rate: s.memory_reuse_rate,
     }
 }

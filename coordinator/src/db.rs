@@ -11,6 +11,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{FromRow, Postgres, Transaction};
 use uuid::Uuid;
 
+use shardpress_engine::memory::ReservationStats;
 use shardpress_engine::pipeline::{JobFiles, TaskOutput, TaskSpec};
 use shardpress_engine::recipe::RecipeFile;
 
@@ -98,6 +99,10 @@ pub struct JobStatus {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    pub memory_reserved_bytes: i64,
+    pub memory_peak_bytes: i64,
+    pub memory_wait_ms: i64,
+    pub memory_reuse_rate: f64,
 }
 
 /// A task handed to a worker.
@@ -147,7 +152,7 @@ pub enum Fenced {
     Stale(String),
 }
 
-const STATUS_COLUMNS: &str = "job_id, state, source_uri, destination_uri, recipe_name, idempotency_key, labels, tasks_total, tasks_queued, tasks_leased, tasks_succeeded, tasks_failed, tasks_cancelled, bytes_in, bytes_out, ratio, progress, error, created_at, started_at, finished_at";
+const STATUS_COLUMNS: &str = "job_id, state, source_uri, destination_uri, recipe_name, idempotency_key, labels, tasks_total, tasks_queued, tasks_leased, tasks_succeeded, tasks_failed, tasks_cancelled, bytes_in, bytes_out, ratio, progress, error, created_at, started_at, finished_at, memory_reserved_bytes, memory_peak_bytes, memory_wait_ms, memory_reuse_rate";
 
 /// Postgres-backed job store.
 #[derive(Debug, Clone)]
@@ -398,12 +403,14 @@ impl Store {
         output_bytes: i64,
         sha256: &str,
         output: &TaskOutput,
+        memory: Option<&ReservationStats>,
     ) -> anyhow::Result<(Fenced, bool)> {
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
             "UPDATE tasks t SET state = 'succeeded', output_key = $4, output_bytes = $5,
                     output_sha256 = $6, result = $7, finished_at = now(), lease_token = NULL,
-                    lease_expires_at = NULL, error = NULL, bytes_done = t.bytes_in
+                    lease_expires_at = NULL, error = NULL, bytes_done = t.bytes_in,
+                    memory = $8
              FROM jobs j
              WHERE t.job_id = $1 AND t.seq = $2 AND t.lease_token = $3 AND t.state = 'leased'
                AND j.id = t.job_id AND j.state IN ('queued', 'running')",
@@ -415,6 +422,7 @@ impl Store {
         .bind(output_bytes)
         .bind(sha256)
         .bind(serde_json::to_value(output)?)
+        .bind(memory.map(serde_json::to_value).transpose()?)
         .execute(&mut *tx)
         .await?
         .rows_affected();

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use shardpress_engine::memory::ReservationStats;
 use shardpress_engine::pipeline::TaskOutput;
 use shardpress_engine::report::TensorReport;
 use shardpress_proto::v1::worker_service_server::WorkerService;
@@ -141,6 +142,16 @@ impl WorkerService for Workers {
                 bytes,
                 &req.sha256,
                 &output,
+                req.memory
+                    .as_ref()
+                    .map(|m| ReservationStats {
+                        reserved: m.reserved_bytes,
+                        peak: m.peak_bytes,
+                        wait_ms: m.wait_ms,
+                        buffers: m.buffers,
+                        reused: m.reused,
+                    })
+                    .as_ref(),
             )
             .await
             .map_err(ApiError::from)?;

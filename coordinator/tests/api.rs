@@ -353,6 +353,7 @@ async fn expired_lease_is_requeued_and_the_stale_worker_is_fenced_out() {
             sha256: "0".repeat(64),
             tensors_json: "[]".into(),
             layer_json: String::new(),
+            memory: None,
         })
         .await
         .expect_err("stale completion");

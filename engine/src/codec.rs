@@ -20,10 +20,12 @@ use crate::dtype::DType;
 use crate::kernels::bitmask;
 use crate::kernels::convert::{cast_bytes, decode_f32, encode_one};
 use crate::kernels::fp8::{self, FloatParams};
-use crate::kernels::int_quant::{self, IntParams, QuantError, Strategy};
-use crate::kernels::prune::{self, PruneMethod};
+use crate::kernels::int_quant::{
+    self, tensor_scale_error, IntParams, QuantError, Strategy, TensorObserver,
+};
+use crate::kernels::prune::{self, PruneMethod, PruneScope, Threshold, ThresholdFinder};
 use crate::metrics::ErrorStats;
-use crate::recipe::{QuantAction, QuantFormat, SparseStorage, TensorAction, WeightQuant};
+use crate::recipe::{QuantFormat, SparseStorage, TensorAction, WeightQuant};
 use crate::safetensors::{TensorInfo, TensorSpec};
 
 /// Elements per parallel work item in elementwise kernels.
@@ -154,46 +156,368 @@ pub fn output_specs(info: &TensorInfo, action: &TensorAction) -> Vec<TensorSpec>
     }
 }
 
-/// Transforms one tensor's raw bytes according to `action`.
-pub fn transform(
+/// Whole-tensor values the encoding of a row block depends on, found by statistics passes
+/// over the tensor before it is encoded (see [`GlobalsBuilder`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Globals {
+    /// Tensor-scope magnitude pruning threshold.
+    pub threshold: Option<Threshold>,
+    /// Per-tensor integer scale and zero point.
+    pub int_tensor: Option<(f32, i8)>,
+    /// Per-tensor FP8 scale.
+    pub fp8_tensor: Option<f32>,
+}
+
+/// State carried from one row block of a tensor to the next, in row order.
+#[derive(Debug, Clone, Default)]
+pub struct Carry {
+    ties_seen: u64,
+    stats: ErrorStats,
+    removed: ErrorStats,
+    pruned: u64,
+    nnz: u64,
+}
+
+impl Carry {
+    /// Reconstruction error over the rows seen, including pruned elements.
+    pub fn stats(&self) -> ErrorStats {
+        let mut s = self.stats;
+        s.merge(&self.removed);
+        s
+    }
+
+    /// Elements pruned so far.
+    pub fn pruned(&self) -> u64 {
+        self.pruned
+    }
+}
+
+/// The pruning an action applies before storing or quantizing, if any.
+pub fn prune_method(action: &TensorAction) -> Option<PruneMethod> {
+    match action {
+        TensorAction::Prune(p) => Some(p.method),
+        TensorAction::Quantize(q) => q.prune,
+        _ => None,
+    }
+}
+
+/// Whether encoding `action` works on decoded f32 values (else on raw bytes).
+pub fn needs_f32(action: &TensorAction) -> bool {
+    matches!(action, TensorAction::Prune(_) | TensorAction::Quantize(_))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    High,
+    Low,
+    Range,
+    Errors,
+    Absmax,
+    Done,
+}
+
+/// Computes [`Globals`] from passes over a tensor's rows: while [`GlobalsBuilder::pending`],
+/// feed every row block in order to [`GlobalsBuilder::feed`], then call
+/// [`GlobalsBuilder::end_pass`]. A tensor whose encoding needs nothing global takes no pass.
+#[derive(Debug, Clone)]
+pub struct GlobalsBuilder {
+    cols: u64,
+    method: Option<PruneMethod>,
+    finder: Option<ThresholdFinder>,
+    observer: Option<TensorObserver>,
+    float: Option<FloatParams>,
+    absmax: f32,
+    ties_seen: u64,
+    stage: Stage,
+    globals: Globals,
+}
+
+impl GlobalsBuilder {
+    /// A builder for `info` (the tensor as encoded) under `action`.
+    pub fn new(info: &TensorInfo, action: &TensorAction) -> Self {
+        let (_, cols) = info.rows_cols();
+        let method = prune_method(action);
+        let finder = match method {
+            Some(PruneMethod::Magnitude {
+                sparsity,
+                scope: PruneScope::Tensor,
+            }) => Some(ThresholdFinder::new(info.numel(), sparsity)).filter(|f| f.needs_pass()),
+            _ => None,
+        };
+        let (observer, float) = match action {
+            TensorAction::Quantize(q) => match q.weights {
+                WeightQuant::Int(p) if p.strategy == Strategy::Tensor && info.numel() > 0 => {
+                    (Some(TensorObserver::new(&p)), None)
+                }
+                WeightQuant::Float(p) if !p.per_channel => (None, Some(p)),
+                _ => (None, None),
+            },
+            _ => (None, None),
+        };
+        let mut b = Self {
+            cols,
+            method,
+            finder,
+            observer,
+            float,
+            absmax: 0.0,
+            ties_seen: 0,
+            stage: Stage::High,
+            globals: Globals::default(),
+        };
+        b.stage = b.first_stage();
+        b
+    }
+
+    fn first_stage(&self) -> Stage {
+        if self.finder.is_some() {
+            Stage::High
+        } else {
+            self.after_prune()
+        }
+    }
+
+    fn after_prune(&self) -> Stage {
+        if self.observer.is_some() {
+            Stage::Range
+        } else if self.float.is_some() {
+            Stage::Absmax
+        } else {
+            Stage::Done
+        }
+    }
+
+    /// Whether another pass is needed.
+    pub fn pending(&self) -> bool {
+        self.stage != Stage::Done
+    }
+
+    /// Passes still to come, counting the current one.
+    pub fn passes_left(&self) -> usize {
+        let mut n = 0;
+        let mut st = self.stage;
+        loop {
+            st = match st {
+                Stage::High => Stage::Low,
+                Stage::Low => self.after_prune(),
+                Stage::Range => match &self.observer {
+                    Some(o) if o.needs_errors() => Stage::Errors,
+                    _ => Stage::Done,
+                },
+                Stage::Errors | Stage::Absmax => Stage::Done,
+                Stage::Done => return n,
+            };
+            n += 1;
+        }
+    }
+
+    /// Feeds the next row block (decoded, finite); the builder may overwrite it.
+    pub fn feed(&mut self, w: &mut [f32]) -> Result<(), String> {
+        let cols = self.cols;
+        match self.stage {
+            Stage::High => {
+                if let Some(f) = &mut self.finder {
+                    f.high_pass(w);
+                }
+            }
+            Stage::Low => {
+                if let Some(f) = &mut self.finder {
+                    f.low_pass(w);
+                }
+            }
+            Stage::Range | Stage::Errors | Stage::Absmax => {
+                if let Some(m) = &self.method {
+                    let mut keep = vec![true; w.len()];
+                    block_mask(
+                        w,
+                        cols,
+                        m,
+                        self.globals.threshold.as_ref(),
+                        &mut self.ties_seen,
+                        &mut keep,
+                    );
+                    prune::apply(w, &keep);
+                }
+                match self.stage {
+                    Stage::Range => {
+                        if let Some(o) = &mut self.observer {
+                            o.range(w, cols);
+                        }
+                    }
+                    Stage::Errors => {
+                        if let Some(o) = &mut self.observer {
+                            o.errors(w, cols).map_err(|scale| {
+                                tensor_scale_error(scale, &o_params(o)).to_string()
+                            })?;
+                        }
+                    }
+                    _ => self.absmax = self.absmax.max(fp8::absmax(w, cols)),
+                }
+            }
+            Stage::Done => {}
+        }
+        Ok(())
+    }
+
+    /// Ends a pass over all blocks.
+    pub fn end_pass(&mut self) -> Result<(), String> {
+        self.ties_seen = 0;
+        self.stage = match self.stage {
+            Stage::High => {
+                if let Some(f) = &mut self.finder {
+                    f.choose_high();
+                }
+                Stage::Low
+            }
+            Stage::Low => {
+                self.globals.threshold = self.finder.as_ref().and_then(ThresholdFinder::finish);
+                self.after_prune()
+            }
+            Stage::Range if self.observer.as_ref().is_some_and(|o| o.needs_errors()) => {
+                Stage::Errors
+            }
+            Stage::Range | Stage::Errors => {
+                if let Some(o) = &self.observer {
+                    let params = o_params(o);
+                    self.globals.int_tensor = Some(
+                        o.finish()
+                            .map_err(|scale| tensor_scale_error(scale, &params).to_string())?,
+                    );
+                }
+                Stage::Done
+            }
+            Stage::Absmax => {
+                if let Some(p) = &self.float {
+                    self.globals.fp8_tensor =
+                        Some(fp8::tensor_scale(self.absmax, p).map_err(|e| e.to_string())?);
+                }
+                Stage::Done
+            }
+            Stage::Done => Stage::Done,
+        };
+        Ok(())
+    }
+
+    /// The values found.
+    pub fn finish(&self) -> Globals {
+        self.globals
+    }
+}
+
+fn o_params(o: &TensorObserver) -> IntParams {
+    o.params()
+}
+
+/// The keep-mask of a row block: tensor-scope magnitude pruning by `threshold` (counting
+/// ties across blocks in `seen`), the other methods row by row.
+fn block_mask(
+    w: &[f32],
+    cols: u64,
+    method: &PruneMethod,
+    threshold: Option<&Threshold>,
+    seen: &mut u64,
+    keep: &mut [bool],
+) {
+    match method {
+        PruneMethod::Magnitude {
+            scope: PruneScope::Tensor,
+            ..
+        } => match threshold {
+            Some(t) => t.apply_mask(w, seen, keep),
+            None => keep.fill(true),
+        },
+        _ => keep.copy_from_slice(&prune::mask(w, cols, method)),
+    }
+}
+
+/// Decodes a row block (whose first row is `row0`) to f32, refusing NaN and infinities with
+/// their position.
+pub fn decode_rows(
+    dtype: DType,
+    bytes: &[u8],
+    cols: u64,
+    row0: u64,
+    out: &mut [f32],
+) -> Result<(), TransformProblem> {
+    let sw = (dtype.bits() / 8) as usize;
+    out.par_chunks_mut(CHUNK)
+        .zip(bytes.par_chunks(CHUNK * sw))
+        .for_each(|(o, b)| decode_f32(dtype, b, o));
+    let cols = (cols as usize).max(1);
+    if let Some(i) = out.par_iter().position_first(|x| !x.is_finite()) {
+        return Err(QuantError::NonFinite {
+            row: row0 + (i / cols) as u64,
+            col: (i % cols) as u64,
+            value: out[i],
+        }
+        .to_string());
+    }
+    Ok(())
+}
+
+/// A problem with a tensor's values, to be named with the tensor.
+pub type TransformProblem = String;
+
+/// Encodes one row block (rows `row0..`, raw `bytes` in the input dtype) of the tensor `info`
+/// into its pieces of each output of [`output_specs`], in order. Outputs that do not grow
+/// with the rows (shapes, per-tensor scales) come whole with the block at row 0 and empty
+/// otherwise. `w` is scratch for the block's f32 values when [`needs_f32`]. Blocks must come
+/// in row order with one `carry`; splitting rows into blocks does not change any byte.
+pub fn encode_block(
     info: &TensorInfo,
     action: &TensorAction,
+    row0: u64,
     bytes: &[u8],
-) -> Result<Encoded, TransformError> {
-    let specs = output_specs(info, action);
-    let fail = |problem: String| TransformError {
-        tensor: info.name.clone(),
-        problem,
+    w: &mut [f32],
+    g: &Globals,
+    carry: &mut Carry,
+) -> Result<Vec<Vec<u8>>, TransformProblem> {
+    let (rows, cols) = info.rows_cols();
+    let width = (info.dtype.bits() / 8) as usize;
+    let block_rows = if cols == 0 || width == 0 {
+        if row0 == 0 {
+            rows
+        } else {
+            0
+        }
+    } else {
+        (bytes.len() / (cols as usize * width)) as u64
     };
+    let first = row0 == 0;
+    let stat = |v: Vec<u8>| if first { v } else { Vec::new() };
     match action {
-        TensorAction::Keep(_) => Ok(Encoded {
-            tensors: specs.into_iter().map(|s| (s, bytes.to_vec())).collect(),
-            stats: ErrorStats::default(),
-            pruned: None,
-        }),
+        TensorAction::Keep(_) => Ok(vec![bytes.to_vec()]),
         TensorAction::Cast(dst) => {
-            let (out, stats) =
-                cast(info.dtype, *dst, bytes, info.numel() as usize).map_err(fail)?;
-            Ok(Encoded {
-                tensors: specs.into_iter().map(|s| (s, out.clone())).collect(),
-                stats,
-                pruned: None,
-            })
+            let out = cast_rows(info.dtype, *dst, bytes, cols, row0, &mut carry.stats)?;
+            Ok(vec![out])
         }
         TensorAction::Prune(p) => {
-            let (rows, cols) = info.rows_cols();
-            let w = decode_checked(info, bytes).map_err(|e| fail(e.to_string()))?;
-            let keep = prune::mask(&w, cols, &p.method);
-            let pruned = keep.iter().filter(|k| !**k).count() as u64;
-            let mut stats = ErrorStats::default();
-            for (x, k) in w.iter().zip(&keep) {
-                stats.add(*x, if *k { *x } else { 0.0 });
+            let w = &mut w[..bytes.len() / width.max(1)];
+            decode_rows(info.dtype, bytes, cols, row0, w)?;
+            let mut keep = vec![true; w.len()];
+            block_mask(
+                w,
+                cols,
+                &p.method,
+                g.threshold.as_ref(),
+                &mut carry.ties_seen,
+                &mut keep,
+            );
+            let c = (cols as usize).max(1);
+            for (row, kr) in w.chunks(c).zip(keep.chunks(c)) {
+                let mut rs = ErrorStats::default();
+                for (x, k) in row.iter().zip(kr) {
+                    rs.add(*x, if *k { *x } else { 0.0 });
+                    if !k {
+                        carry.pruned += 1;
+                    }
+                }
+                carry.stats.merge(&rs);
             }
-            let width = (info.dtype.bits() / 8) as usize;
-            let blobs = match p.storage {
+            Ok(match p.storage {
                 SparseStorage::Dense => {
                     let mut out = bytes.to_vec();
-                    for (elem, k) in out.chunks_exact_mut(width).zip(&keep) {
+                    for (elem, k) in out.chunks_exact_mut(width.max(1)).zip(&keep) {
                         if !k {
                             elem.fill(0);
                         }
@@ -201,139 +525,252 @@ pub fn transform(
                     vec![out]
                 }
                 SparseStorage::Bitmask => {
-                    let b = bitmask::compress(bytes, &keep, rows, cols, width);
+                    let b = bitmask::compress(bytes, &keep, block_rows, cols, width);
+                    let offsets: Vec<i64> =
+                        b.row_offsets.iter().map(|o| o + carry.nnz as i64).collect();
+                    carry.nnz += b.nnz;
                     vec![
-                        i64_bytes(&[rows as i64, cols as i64]),
+                        stat(i64_bytes(&[rows as i64, cols as i64])),
                         b.values,
                         b.bitmask,
-                        i64_bytes(&b.row_offsets),
+                        i64_bytes(&offsets),
                     ]
                 }
-            };
-            Ok(Encoded {
-                tensors: specs.into_iter().zip(blobs).collect(),
-                stats,
-                pruned: Some(pruned),
             })
         }
-        TensorAction::Quantize(q) => quantize(info, q, bytes, specs).map_err(fail),
+        TensorAction::Quantize(q) => {
+            let w = &mut w[..bytes.len() / width.max(1)];
+            decode_rows(info.dtype, bytes, cols, row0, w)?;
+            if let Some(method) = &q.prune {
+                let mut keep = vec![true; w.len()];
+                block_mask(
+                    w,
+                    cols,
+                    method,
+                    g.threshold.as_ref(),
+                    &mut carry.ties_seen,
+                    &mut keep,
+                );
+                let c = (cols as usize).max(1);
+                for (row, kr) in w.chunks_mut(c).zip(keep.chunks(c)) {
+                    let mut removed = ErrorStats::default();
+                    for (x, k) in row.iter_mut().zip(kr) {
+                        if !k {
+                            let e = f64::from(*x) * f64::from(*x);
+                            removed.sum_sq_err += e;
+                            removed.sum_sq_ref += e;
+                            removed.max_abs_err = removed.max_abs_err.max(x.abs());
+                            *x = 0.0;
+                            carry.pruned += 1;
+                        }
+                    }
+                    carry.removed.merge(&removed);
+                }
+            }
+            let err = |e: QuantError| e.to_string();
+            match (q.format(), q.weights) {
+                (QuantFormat::PackQuantized, WeightQuant::Int(p)) => {
+                    let r = int_quant::quantize_rows(
+                        w,
+                        block_rows,
+                        cols,
+                        &p,
+                        g.int_tensor,
+                        row0,
+                        &mut carry.stats,
+                    )
+                    .map_err(err)?;
+                    let tensor = p.strategy == Strategy::Tensor;
+                    let mut blobs = vec![
+                        u32_bytes(&r.packed),
+                        if tensor {
+                            stat(scale_bytes(&r.scales, p.scale_dtype))
+                        } else {
+                            scale_bytes(&r.scales, p.scale_dtype)
+                        },
+                        stat(i64_bytes(&[rows as i64, cols as i64])),
+                    ];
+                    if !p.symmetric {
+                        blobs.push(if tensor {
+                            stat(u32_bytes(&int_quant::pack_along_rows(
+                                &r.zero_points,
+                                1,
+                                1,
+                                p.bits,
+                            )))
+                        } else {
+                            let (prow, pcols) = p.param_shape(block_rows, cols);
+                            u32_bytes(&int_quant::pack_along_rows(
+                                &r.zero_points,
+                                prow,
+                                pcols,
+                                p.bits,
+                            ))
+                        });
+                    }
+                    Ok(blobs)
+                }
+                (_, WeightQuant::Int(p)) => {
+                    let r = int_quant::quantize_rows(
+                        w,
+                        block_rows,
+                        cols,
+                        &p,
+                        g.int_tensor,
+                        row0,
+                        &mut carry.stats,
+                    )
+                    .map_err(err)?;
+                    let tensor = p.strategy == Strategy::Tensor;
+                    let values = int_quant::unpack_values(&r.packed, block_rows, cols, p.bits);
+                    let scales = scale_bytes(&r.scales, p.scale_dtype);
+                    let zps: Vec<u8> = r.zero_points.iter().map(|z| *z as u8).collect();
+                    let mut blobs = vec![
+                        values.iter().map(|v| *v as u8).collect(),
+                        if tensor { stat(scales) } else { scales },
+                    ];
+                    if !p.symmetric {
+                        blobs.push(if tensor { stat(zps) } else { zps });
+                    }
+                    Ok(blobs)
+                }
+                (_, WeightQuant::Float(p)) => {
+                    let r = fp8::quantize_rows(
+                        w,
+                        block_rows,
+                        cols,
+                        &p,
+                        g.fp8_tensor,
+                        row0,
+                        &mut carry.stats,
+                    )
+                    .map_err(err)?;
+                    let scales = scale_bytes(&r.scales, p.scale_dtype);
+                    Ok(vec![
+                        r.values,
+                        if p.per_channel { scales } else { stat(scales) },
+                    ])
+                }
+            }
+        }
     }
+}
+
+/// Transforms one whole tensor's raw bytes according to `action`: the statistics passes
+/// and one block holding every row.
+pub fn transform(
+    info: &TensorInfo,
+    action: &TensorAction,
+    bytes: &[u8],
+) -> Result<Encoded, TransformError> {
+    let fail = |problem: String| TransformError {
+        tensor: info.name.clone(),
+        problem,
+    };
+    let specs = output_specs(info, action);
+    let width = (info.dtype.bits() / 8) as usize;
+    let (_, cols) = info.rows_cols();
+    let mut w = if needs_f32(action) {
+        vec![0f32; bytes.len() / width.max(1)]
+    } else {
+        Vec::new()
+    };
+    let mut gb = GlobalsBuilder::new(info, action);
+    while gb.pending() {
+        decode_rows(info.dtype, bytes, cols, 0, &mut w).map_err(fail)?;
+        gb.feed(&mut w).map_err(fail)?;
+        gb.end_pass().map_err(fail)?;
+    }
+    let mut carry = Carry::default();
+    let blobs =
+        encode_block(info, action, 0, bytes, &mut w, &gb.finish(), &mut carry).map_err(fail)?;
+    Ok(Encoded {
+        tensors: specs.into_iter().zip(blobs).collect(),
+        stats: carry.stats(),
+        pruned: prune_method(action).map(|_| carry.pruned),
+    })
 }
 
 fn i64_bytes(v: &[i64]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// Casts float elements; `Err` names the first finite element the target type cannot hold.
+fn u32_bytes(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Casts a whole buffer of float elements; `Err` names the first finite element the target
+/// type cannot hold.
 pub(crate) fn cast(
     src: DType,
     dst: DType,
     bytes: &[u8],
     numel: usize,
 ) -> Result<(Vec<u8>, ErrorStats), String> {
-    let sw = (src.bits() / 8) as usize;
-    let dw = (dst.bits() / 8) as usize;
-    let mut out = vec![0u8; numel * dw];
-    let parts: Vec<Result<ErrorStats, (usize, f32)>> = bytes
-        .par_chunks(CHUNK * sw)
-        .zip(out.par_chunks_mut(CHUNK * dw))
-        .enumerate()
-        .map(|(chunk, (inp, o))| {
-            let n = inp.len() / sw;
-            let mut orig = vec![0f32; n];
-            let mut back = vec![0f32; n];
-            decode_f32(src, inp, &mut orig);
-            cast_bytes(src, dst, inp, o, &mut back);
-            if let Some(i) = orig
-                .iter()
-                .zip(&back)
-                .position(|(a, b)| a.is_finite() && !b.is_finite())
-            {
-                return Err((chunk * CHUNK + i, orig[i]));
-            }
-            Ok(ErrorStats::compare(&orig, &back))
-        })
-        .collect();
     let mut stats = ErrorStats::default();
-    for p in parts {
-        match p {
-            Ok(p) => stats.merge(&p),
-            Err((i, v)) => {
-                return Err(format!(
-                    "element {i} ({v:e}) overflows {dst}; cast to a wider type or leave this tensor alone"
-                ))
-            }
-        }
-    }
+    let cols = numel.clamp(1, CHUNK) as u64;
+    let out = cast_rows(src, dst, bytes, cols, 0, &mut stats)?;
     Ok((out, stats))
 }
 
-/// Decodes a float tensor to f32, refusing NaN and infinities with their position.
-fn decode_checked(info: &TensorInfo, bytes: &[u8]) -> Result<Vec<f32>, QuantError> {
-    let (_, cols) = info.rows_cols();
-    let mut w = vec![0f32; info.numel() as usize];
-    let sw = (info.dtype.bits() / 8) as usize;
-    w.par_chunks_mut(CHUNK)
-        .zip(bytes.par_chunks(CHUNK * sw))
-        .for_each(|(o, b)| decode_f32(info.dtype, b, o));
-    let cols = (cols as usize).max(1);
-    if let Some(i) = w.par_iter().position_first(|x| !x.is_finite()) {
-        return Err(QuantError::NonFinite {
-            row: (i / cols) as u64,
-            col: (i % cols) as u64,
-            value: w[i],
-        });
-    }
-    Ok(w)
-}
-
-fn quantize(
-    info: &TensorInfo,
-    q: &QuantAction,
+/// Casts rows of `cols` float elements (a last partial row is allowed), merging each row's
+/// error into `stats` in order; `Err` names the first finite element the target type cannot
+/// hold, counting elements from row 0 of the tensor (`row0` is the block's first row).
+fn cast_rows(
+    src: DType,
+    dst: DType,
     bytes: &[u8],
-    specs: Vec<TensorSpec>,
-) -> Result<Encoded, String> {
-    let (rows, cols) = info.rows_cols();
-    let mut w = decode_checked(info, bytes).map_err(|e| e.to_string())?;
-    let (pruned, removed) = match &q.prune {
-        Some(method) => {
-            let (count, removed) = prune_in_place(&mut w, cols, method);
-            (Some(count), removed)
-        }
-        None => (None, ErrorStats::default()),
-    };
-    let (blobs, mut stats) = match (q.format(), q.weights) {
-        (QuantFormat::PackQuantized, WeightQuant::Int(p)) => pack_quantized(&w, rows, cols, &p)?,
-        (_, WeightQuant::Int(p)) => int_quantized(&w, rows, cols, &p)?,
-        (_, WeightQuant::Float(p)) => float_quantized(&w, rows, cols, &p)?,
-    };
-    // Pruned elements decode to exactly zero, so their error is their own magnitude: adding
-    // it gives the error against the unpruned input.
-    stats.merge(&removed);
-    Ok(Encoded {
-        tensors: specs.into_iter().zip(blobs).collect(),
-        stats,
-        pruned,
-    })
-}
-
-/// Zeroes the pruned elements; returns how many, and their contribution to the error
-/// against the unpruned input (`n` zero: they are counted once the quantizer sees them).
-fn prune_in_place(w: &mut [f32], cols: u64, method: &PruneMethod) -> (u64, ErrorStats) {
-    let keep = prune::mask(w, cols, method);
-    let mut removed = ErrorStats::default();
-    let mut count = 0;
-    for (x, k) in w.iter_mut().zip(&keep) {
-        if !k {
-            let e = f64::from(*x) * f64::from(*x);
-            removed.sum_sq_err += e;
-            removed.sum_sq_ref += e;
-            removed.max_abs_err = removed.max_abs_err.max(x.abs());
-            *x = 0.0;
-            count += 1;
+    cols: u64,
+    row0: u64,
+    stats: &mut ErrorStats,
+) -> Result<Vec<u8>, String> {
+    let sw = (src.bits() / 8) as usize;
+    let dw = (dst.bits() / 8) as usize;
+    let numel = bytes.len() / sw.max(1);
+    let cols = (cols as usize).max(1);
+    let mut out = vec![0u8; numel * dw];
+    // Several rows per work item when rows are short; errors are still kept per row.
+    let rows_per_item = (CHUNK / cols).max(1);
+    let parts: Vec<Result<Vec<ErrorStats>, (usize, f32)>> = bytes
+        .par_chunks(rows_per_item * cols * sw)
+        .zip(out.par_chunks_mut(rows_per_item * cols * dw))
+        .enumerate()
+        .map(|(item, (inp, o))| {
+            let mut orig = vec![0f32; cols];
+            let mut back = vec![0f32; cols];
+            let mut row_stats = Vec::with_capacity(rows_per_item);
+            for (r, (ri, ro)) in inp
+                .chunks(cols * sw)
+                .zip(o.chunks_mut(cols * dw))
+                .enumerate()
+            {
+                let n = ri.len() / sw;
+                decode_f32(src, ri, &mut orig[..n]);
+                cast_bytes(src, dst, ri, ro, &mut back[..n]);
+                if let Some(i) = orig[..n]
+                    .iter()
+                    .zip(&back[..n])
+                    .position(|(a, b)| a.is_finite() && !b.is_finite())
+                {
+                    return Err(((item * rows_per_item + r) * cols + i, orig[i]));
+                }
+                row_stats.push(ErrorStats::compare(&orig[..n], &back[..n]));
+            }
+            Ok(row_stats)
+        })
+        .collect();
+    for p in parts {
+        match p {
+            Ok(rows) => rows.iter().for_each(|r| stats.merge(r)),
+            Err((i, v)) => {
+                let i = row0 as usize * cols + i;
+                return Err(format!(
+                    "element {i} ({v:e}) overflows {dst}; cast to a wider type or leave this tensor alone"
+                ));
+            }
         }
     }
-    (count, removed)
+    Ok(out)
 }
 
 fn scale_bytes(scales: &[f32], dtype: DType) -> Vec<u8> {
@@ -344,65 +781,12 @@ fn scale_bytes(scales: &[f32], dtype: DType) -> Vec<u8> {
     out
 }
 
-fn pack_quantized(
-    w: &[f32],
-    rows: u64,
-    cols: u64,
-    p: &IntParams,
-) -> Result<(Vec<Vec<u8>>, ErrorStats), String> {
-    let q = int_quant::quantize(w, rows, cols, p).map_err(|e| e.to_string())?;
-    let packed: Vec<u8> = q.packed.iter().flat_map(|w| w.to_le_bytes()).collect();
-    let mut blobs = vec![
-        packed,
-        scale_bytes(&q.scales, p.scale_dtype),
-        i64_bytes(&[rows as i64, cols as i64]),
-    ];
-    if !p.symmetric {
-        let (prow, pcols) = p.param_shape(rows, cols);
-        let words = int_quant::pack_along_rows(&q.zero_points, prow, pcols, p.bits);
-        blobs.push(words.iter().flat_map(|w| w.to_le_bytes()).collect());
-    }
-    Ok((blobs, q.stats))
-}
-
-fn int_quantized(
-    w: &[f32],
-    rows: u64,
-    cols: u64,
-    p: &IntParams,
-) -> Result<(Vec<Vec<u8>>, ErrorStats), String> {
-    let q = int_quant::quantize(w, rows, cols, p).map_err(|e| e.to_string())?;
-    let values = int_quant::unpack_values(&q.packed, rows, cols, p.bits);
-    let mut blobs = vec![
-        values.iter().map(|v| *v as u8).collect(),
-        scale_bytes(&q.scales, p.scale_dtype),
-    ];
-    if !p.symmetric {
-        blobs.push(q.zero_points.iter().map(|z| *z as u8).collect());
-    }
-    Ok((blobs, q.stats))
-}
-
-fn float_quantized(
-    w: &[f32],
-    rows: u64,
-    cols: u64,
-    p: &FloatParams,
-) -> Result<(Vec<Vec<u8>>, ErrorStats), String> {
-    let q = fp8::quantize(w, rows, cols, p).map_err(|e| e.to_string())?;
-    Ok((
-        vec![q.values, scale_bytes(&q.scales, p.scale_dtype)],
-        q.stats,
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kernels::fp8::Fp8Format;
     use crate::kernels::int_quant::Observer;
-    use crate::kernels::prune::PruneScope;
-    use crate::recipe::{ActStrategy, KeepReason, PruneAction};
+    use crate::recipe::{ActStrategy, KeepReason, PruneAction, QuantAction};
 
     fn info(dtype: DType, shape: Vec<u64>) -> TensorInfo {
         let end = dtype.byte_size(shape.iter().product()).unwrap_or(0);

@@ -9,15 +9,16 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-use rayon::prelude::*;
 use serde_json::{json, Value};
 
 use crate::checkpoint::{Checkpoint, CheckpointError, INDEX_FILE};
-use crate::codec::{output_specs, transform, TransformError};
+use crate::codec::{output_specs, prune_method, TransformError};
 use crate::hf_config;
 use crate::kernels::int_quant::Strategy;
+use crate::memory::{MemoryPool, PoolStats, Reservation};
 use crate::plan::{group_tensors, shard_file_name};
 use crate::recipe::{Recipe, TensorAction, WeightQuant};
 use crate::report::{
@@ -25,9 +26,8 @@ use crate::report::{
 };
 use crate::safetensors::{ShardWriter, TensorInfo, WriteError};
 use crate::source::ByteSource;
-use crate::structured::{
-    add_scores, choose_units, gather, sliced_info, Fate, LayerCut, Slice, Structure, Unit,
-};
+use crate::stream;
+use crate::structured::{choose_units, sliced_info, Fate, LayerCut, Slice, Structure, Unit};
 
 /// Why a job failed.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +71,14 @@ pub enum CompressError {
     /// The work was cancelled.
     #[error("cancelled")]
     Cancelled,
+    /// A tensor cannot be processed within the memory limit.
+    #[error("tensor {tensor:?}: {problem}")]
+    Memory {
+        /// Tensor.
+        tensor: String,
+        /// Why.
+        problem: String,
+    },
     /// The recipe cannot be applied to this checkpoint.
     #[error("{0}")]
     Plan(String),
@@ -246,39 +254,6 @@ pub fn plan_job(ckpt: &Checkpoint, recipe: &Recipe) -> Result<JobPlan, CompressE
     Ok(JobPlan { tasks })
 }
 
-/// Reads the input bytes of one tensor.
-fn read_tensor(
-    sources: &[Arc<dyn ByteSource>],
-    task: &TaskSpec,
-    t: &PlannedTensor,
-) -> Result<Vec<u8>, CompressError> {
-    let (Some(src), Some(input)) = (sources.get(t.input), task.inputs.get(t.input)) else {
-        return Err(CompressError::Transform {
-            file: task.file_name.clone(),
-            source: TransformError {
-                tensor: t.info.name.clone(),
-                problem: format!(
-                    "task names input #{} but has {}",
-                    t.input,
-                    task.inputs.len()
-                ),
-            },
-        });
-    };
-    let start = input.data_start + t.info.start;
-    let end = input.data_start + t.info.end;
-    let mut buf = vec![0u8; t.info.byte_len() as usize];
-    src.read_exact_at(start, &mut buf)
-        .map_err(|source| CompressError::Read {
-            file: src.name().to_string(),
-            tensor: t.info.name.clone(),
-            start,
-            end,
-            source,
-        })?;
-    Ok(buf)
-}
-
 /// Called as tensors finish, for progress display and cancellation.
 pub trait Progress: Sync {
     /// `bytes` more input bytes are done.
@@ -342,26 +317,58 @@ pub fn describe(action: &TensorAction) -> (&'static str, String) {
     }
 }
 
+/// Bytes a task should reserve from a pool with `limit`: what it needs to run every tensor
+/// whole, or the whole limit when that is more (its large tensors then stream in row
+/// blocks). `extra` is memory the caller takes from the reservation besides the tensors
+/// (upload buffers). `Err` names a tensor that cannot fit even one block.
+pub fn task_reservation(
+    task: &TaskSpec,
+    limit: Option<u64>,
+    extra: u64,
+    threads: usize,
+) -> Result<u64, CompressError> {
+    let whole = stream::whole_task_need(task, threads).saturating_add(extra);
+    match limit {
+        None => Ok(whole),
+        Some(limit) if whole <= limit => Ok(whole),
+        Some(limit) => {
+            let budget = limit.checked_sub(extra).ok_or_else(|| CompressError::Memory {
+                tensor: task.tensors.first().map(|t| t.info.name.clone()).unwrap_or_default(),
+                problem: format!(
+                    "the memory limit of {limit} bytes does not cover the {extra} bytes of buffers a task needs besides its tensors"
+                ),
+            })?;
+            stream::check_fits(task, budget, threads)?;
+            Ok(limit)
+        }
+    }
+}
+
 /// Runs one task and writes its output shard to `sink`. `sources[i]` reads `task.inputs[i]`.
-/// Returns the per-tensor report rows and the file length.
+/// Every tensor buffer comes from `memory`, whose free bytes are the budget; tensors that do
+/// not fit are processed in row blocks. Returns the per-tensor report rows and the file
+/// length.
 pub fn run_task<W: Write>(
     task: &TaskSpec,
     sources: &[Arc<dyn ByteSource>],
     sink: W,
     progress: &dyn Progress,
+    memory: &Reservation,
 ) -> Result<TaskOutput, CompressError> {
     let group = task;
     let wrap = |source: WriteError| CompressError::Write {
         file: group.file_name.clone(),
         source,
     };
+    let budget = memory.available();
+    let inputs = stream::Inputs { task, sources };
     let specs: Vec<_> = group
         .tensors
         .iter()
         .flat_map(|t| output_specs(&t.out_info(), &t.action))
         .collect();
     let units = match &task.cut {
-        Some(cut) => choose_layer_units(task, sources, cut)?,
+        Some(cut) => choose_layer_units(&inputs, cut, memory, budget)?,
         None => KeptUnits::default(),
     };
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
@@ -371,29 +378,13 @@ pub fn run_task<W: Write>(
         if progress.cancelled() {
             return Err(CompressError::Cancelled);
         }
-        let mut bytes = read_tensor(sources, task, t)?;
         let info = t.out_info();
-        if let Some(slice) = &t.slice {
-            let kept = match slice.unit {
-                Unit::Mlp => &units.mlp,
-                Unit::Heads => &units.heads,
-            };
-            bytes = gather(&t.info, &bytes, slice, kept);
-        }
-        let encoded =
-            transform(&info, &t.action, &bytes).map_err(|source| CompressError::Transform {
-                // read_tensor succeeded, so the source exists.
-                file: sources[t.input].name().to_string(),
-                source,
-            })?;
-        drop(bytes);
-        let mut bytes_out = 0;
-        let mut outputs = Vec::with_capacity(encoded.tensors.len());
-        for (spec, data) in &encoded.tensors {
-            writer.write_tensor(&spec.name, data).map_err(wrap)?;
-            bytes_out += data.len() as u64;
-            outputs.push(spec.name.clone());
-        }
+        let kept: &[u64] = match t.slice.map(|s| s.unit) {
+            Some(Unit::Mlp) => &units.mlp,
+            Some(Unit::Heads) => &units.heads,
+            None => &[],
+        };
+        let done = stream::stream_tensor(&inputs, t, kept, &mut writer, memory, budget, progress)?;
         let (action, detail) = describe(&t.action);
         rows.push(TensorReport {
             name: t.info.name.clone(),
@@ -403,10 +394,10 @@ pub fn run_task<W: Write>(
             dtype: t.info.dtype.to_string(),
             shape: info.shape.clone(),
             bytes_in: t.info.byte_len(),
-            bytes_out,
-            outputs,
-            pruned: encoded.pruned,
-            error: encoded.stats.summary(),
+            bytes_out: done.specs.iter().map(|s| s.byte_len().unwrap_or(0)).sum(),
+            outputs: done.specs.iter().map(|s| s.name.clone()).collect(),
+            pruned: prune_method(&t.action).map(|_| done.pruned),
+            error: done.stats.summary(),
         });
         progress.advance(t.info.byte_len());
     }
@@ -432,30 +423,20 @@ struct KeptUnits {
 
 /// Ranks a layer's neurons and head groups from its weights.
 fn choose_layer_units(
-    task: &TaskSpec,
-    sources: &[Arc<dyn ByteSource>],
+    inputs: &stream::Inputs<'_>,
     cut: &LayerCut,
+    memory: &Reservation,
+    budget: u64,
 ) -> Result<KeptUnits, CompressError> {
     let mut kept = KeptUnits::default();
     for (unit, slot) in [(&cut.mlp, &mut kept.mlp), (&cut.heads, &mut kept.heads)] {
         let Some(unit) = unit else { continue };
         let mut scores = vec![0f64; unit.units as usize];
         for scorer in &unit.scorers {
-            let Some(t) = task.tensors.get(scorer.tensor) else {
+            let Some(t) = inputs.task.tensors.get(scorer.tensor) else {
                 continue;
             };
-            let bytes = read_tensor(sources, task, t)?;
-            add_scores(&t.info, &bytes, scorer, &mut scores).map_err(|(row, col)| {
-                CompressError::Transform {
-                    file: task.file_name.clone(),
-                    source: TransformError {
-                        tensor: t.info.name.clone(),
-                        problem: format!(
-                            "non-finite weight at row {row}, column {col}; structured pruning cannot rank it"
-                        ),
-                    },
-                }
-            })?;
+            stream::stream_scores(inputs, t, scorer, &mut scores, memory, budget)?;
         }
         *slot = choose_units(&scores, unit.keep);
     }
@@ -594,6 +575,19 @@ pub fn finalize_metadata(
 pub struct LocalOptions {
     /// Replace an existing output directory.
     pub overwrite: bool,
+    /// Threads (default: all cores). Output bytes do not depend on it.
+    pub threads: Option<usize>,
+    /// Memory budget in bytes for tensor buffers (default: none).
+    pub memory_limit: Option<u64>,
+}
+
+/// What a local run produced.
+#[derive(Debug, Clone)]
+pub struct LocalRun {
+    /// The job report (also written as report.json).
+    pub report: Report,
+    /// How the memory pool was used.
+    pub memory: PoolStats,
 }
 
 /// Pretty JSON with a trailing newline.
@@ -673,23 +667,44 @@ pub(crate) fn staging_dir(out_abs: &Path) -> Result<PathBuf, CompressError> {
     Ok(staging)
 }
 
-/// Compresses a local checkpoint into `out`, returning the report.
+/// Compresses a local checkpoint into `out`, returning the report and memory statistics.
 pub fn compress_local(
     input: &Path,
     recipe: &Recipe,
     out: &Path,
     opts: &LocalOptions,
     progress: &dyn Progress,
-) -> Result<Report, CompressError> {
+) -> Result<LocalRun, CompressError> {
+    let threads = match opts.threads {
+        Some(n) => n.max(1),
+        None => std::thread::available_parallelism().map_or(1, usize::from),
+    };
+    let kernels = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| CompressError::Plan(format!("starting {threads} threads: {e}")))?;
     let ckpt = Checkpoint::open_local(input)?;
     let out_abs = check_output(input, out, opts.overwrite)?;
     let plan = plan_job(&ckpt, recipe)?;
+    let pool = MemoryPool::new(opts.memory_limit);
+    // Every task's reservation is known before any work starts, so a tensor that cannot fit
+    // fails here, before anything is written.
+    let needs = plan
+        .tasks
+        .iter()
+        .map(|t| task_reservation(t, opts.memory_limit, 0, threads))
+        .collect::<Result<Vec<_>, _>>()?;
     let staging = staging_dir(&out_abs)?;
-    let result = write_all(&ckpt, recipe, &plan, &staging, progress);
+    let result = write_all(
+        &ckpt, recipe, &plan, &needs, &pool, &kernels, &staging, progress,
+    );
     match result {
         Ok(report) => {
             publish(&staging, &out_abs)?;
-            Ok(report)
+            Ok(LocalRun {
+                report,
+                memory: pool.stats(),
+            })
         }
         Err(e) => {
             let _ = fs::remove_dir_all(&staging);
@@ -698,10 +713,30 @@ pub fn compress_local(
     }
 }
 
+/// Cancels the other tasks once one fails.
+struct StopOnError<'a> {
+    inner: &'a dyn Progress,
+    failed: &'a AtomicBool,
+}
+
+impl Progress for StopOnError<'_> {
+    fn advance(&self, bytes: u64) {
+        self.inner.advance(bytes);
+    }
+
+    fn cancelled(&self) -> bool {
+        self.failed.load(Ordering::Relaxed) || self.inner.cancelled()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn write_all(
     ckpt: &Checkpoint,
     recipe: &Recipe,
     plan: &JobPlan,
+    needs: &[u64],
+    pool: &MemoryPool,
+    kernels: &rayon::ThreadPool,
     staging: &Path,
     progress: &dyn Progress,
 ) -> Result<Report, CompressError> {
@@ -710,22 +745,71 @@ fn write_all(
         .iter()
         .map(|s| (s.file_name.as_str(), s.source.clone()))
         .collect();
-    let results: Vec<Result<TaskOutput, CompressError>> = plan
-        .tasks
-        .par_iter()
-        .with_max_len(1)
-        .map(|task| {
-            let sources: Vec<Arc<dyn ByteSource>> = task
-                .inputs
-                .iter()
-                .filter_map(|i| by_file.get(i.file.as_str()).cloned())
-                .collect();
-            let path = staging.join(&task.file_name);
-            let file = fs::File::create(&path).map_err(io_out(&path))?;
-            run_task(task, &sources, BufWriter::new(file), progress)
-        })
-        .collect();
-    let outputs = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let guarded = StopOnError {
+        inner: progress,
+        failed: &failed,
+    };
+    let results: Vec<Mutex<Option<Result<TaskOutput, CompressError>>>> =
+        plan.tasks.iter().map(|_| Mutex::new(None)).collect();
+    // Task threads take tasks in order and reserve their memory before starting, outside
+    // the kernel threads, so a task waiting for memory never holds any.
+    let runners = kernels.current_num_threads().min(plan.tasks.len()).max(1);
+    std::thread::scope(|scope| {
+        for _ in 0..runners {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(task) = plan.tasks.get(i) else { break };
+                if guarded.cancelled() {
+                    break;
+                }
+                let outcome = pool
+                    .reserve(needs[i])
+                    .map_err(|e| CompressError::Memory {
+                        tensor: task.key.clone(),
+                        problem: e.to_string(),
+                    })
+                    .and_then(|memory| {
+                        let sources: Vec<Arc<dyn ByteSource>> = task
+                            .inputs
+                            .iter()
+                            .filter_map(|i| by_file.get(i.file.as_str()).cloned())
+                            .collect();
+                        let path = staging.join(&task.file_name);
+                        let file = fs::File::create(&path).map_err(io_out(&path))?;
+                        kernels.install(|| {
+                            run_task(task, &sources, BufWriter::new(file), &guarded, &memory)
+                        })
+                    });
+                if outcome.is_err() {
+                    failed.store(true, Ordering::SeqCst);
+                }
+                if let Ok(mut slot) = results[i].lock() {
+                    *slot = Some(outcome);
+                }
+            });
+        }
+    });
+    let mut outputs = Vec::with_capacity(plan.tasks.len());
+    let mut first_error = None;
+    for slot in results {
+        match slot.into_inner().ok().flatten() {
+            Some(Ok(o)) => outputs.push(o),
+            // A task stopped because another failed reports that other failure.
+            Some(Err(CompressError::Cancelled)) if !progress.cancelled() => {}
+            Some(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            None => {}
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    if outputs.len() != plan.tasks.len() {
+        return Err(CompressError::Cancelled);
+    }
     let files = JobFiles::of(ckpt);
     let fin = finalize_metadata(recipe, &plan.tasks, outputs, &files);
     for rel in &ckpt.other_files {

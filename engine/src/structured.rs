@@ -429,13 +429,15 @@ pub fn sliced_info(info: &TensorInfo, name: &str, slice: Option<&Slice>) -> Tens
     out
 }
 
-/// Adds the squared L2 norm of every unit's weights in `bytes` (a 2-D tensor) to `scores`.
+/// Adds the squared L2 norm of every unit's weights in `bytes` (rows from `row0` of a 2-D
+/// tensor) to `scores`. Rows must come in order for the sums not to depend on the split.
 /// `Err` gives the row and column of a NaN or infinite weight, which cannot be ranked.
 pub fn add_scores(
     info: &TensorInfo,
     bytes: &[u8],
     scorer: &Scorer,
     scores: &mut [f64],
+    row0: u64,
 ) -> Result<(), (u64, u64)> {
     let (rows, cols) = info.rows_cols();
     let (rows, cols) = (rows as usize, cols as usize);
@@ -445,10 +447,10 @@ pub fn add_scores(
     for (r, raw) in bytes.chunks_exact(cols * width).take(rows).enumerate() {
         decode_f32(info.dtype, raw, &mut row);
         if let Some(c) = row.iter().position(|x| !x.is_finite()) {
-            return Err((r as u64, c as u64));
+            return Err((row0 + r as u64, c as u64));
         }
         if scorer.axis == 0 {
-            if let Some(s) = scores.get_mut(r / len) {
+            if let Some(s) = scores.get_mut((row0 as usize + r) / len) {
                 *s += row
                     .iter()
                     .map(|x| f64::from(*x) * f64::from(*x))
@@ -573,6 +575,7 @@ mod tests {
                 unit_len: 1,
             },
             &mut scores,
+            0,
         )
         .expect("finite");
         assert_eq!(scores, vec![2.0, 9.0, 1.0, 2.0]);

@@ -17,7 +17,7 @@ mod uri;
 
 pub use checkpoint::{open_checkpoint, OpenCheckpointError};
 pub use error::StorageError;
-pub use multipart::{MultipartWriter, MAX_PARTS, PART_SIZE};
+pub use multipart::{MultipartWriter, MAX_PARTS, PART_SIZE, UPLOAD_MEMORY};
 pub use settings::{
     s3_client, s3_client_with_static_credentials, S3Settings, CONNECT_TIMEOUT, DEFAULT_REGION,
     MAX_ATTEMPTS, READ_TIMEOUT,

@@ -24,6 +24,9 @@ pub const MAX_PARTS: i32 = 10_000;
 /// Part uploads running in the background while the writer fills the next part.
 const MAX_IN_FLIGHT: usize = 2;
 
+/// Most bytes a writer holds: the part being filled and the parts in flight.
+pub const UPLOAD_MEMORY: u64 = ((MAX_IN_FLIGHT + 1) * PART_SIZE) as u64;
+
 type PartUpload = JoinHandle<Result<CompletedPart, StorageError>>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -37,7 +37,7 @@ pub struct WorkerConfig {
     pub worker_id: String,
     /// Tasks run at once (at least 1).
     pub concurrency: usize,
-    /// Memory budget in bytes. Accepted and recorded; not enforced yet.
+    /// Memory budget in bytes for every task's buffers (see `shardpress_engine::memory`).
     pub memory_limit: Option<u64>,
     /// Object store access.
     pub s3: S3Settings,

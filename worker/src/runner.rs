@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use shardpress_engine::MemoryPool;
 use shardpress_proto::v1::worker_service_client::WorkerServiceClient;
 use shardpress_proto::v1::LeaseTasksRequest;
 use shardpress_storage::{s3_client, ObjectStore};
@@ -50,16 +51,10 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> an
         memory_limit = ?config.memory_limit,
         "worker starting"
     );
-    if let Some(limit) = config.memory_limit {
-        info!(
-            bytes = limit,
-            "memory limit recorded; it is not enforced by this version"
-        );
-    }
-
     let shared = Arc::new(Shared {
         store,
         abandon: Arc::new(AtomicBool::new(false)),
+        memory: MemoryPool::new(config.memory_limit),
     });
     let mut leaser = Leaser {
         endpoint,

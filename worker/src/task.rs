@@ -5,11 +5,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shardpress_engine::pipeline::{run_task, CompressError, Progress, TaskOutput, TaskSpec};
+use shardpress_engine::pipeline::{
+    run_task, task_reservation, CompressError, Progress, TaskOutput, TaskSpec,
+};
 use shardpress_engine::safetensors::WriteError;
 use shardpress_engine::source::ByteSource;
+use shardpress_engine::MemoryPool;
 use shardpress_proto::v1::worker_service_client::WorkerServiceClient;
-use shardpress_proto::v1::{CompleteTaskRequest, FailTaskRequest, HeartbeatRequest, TaskLease};
+use shardpress_proto::v1::{
+    CompleteTaskRequest, FailTaskRequest, HeartbeatRequest, TaskLease, TaskMemory,
+};
 use shardpress_storage::{MultipartWriter, ObjectStore, S3Uri, StorageError};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
@@ -26,7 +31,12 @@ pub(crate) struct Shared {
     pub(crate) store: ObjectStore,
     /// Set when the shutdown grace period is over: every task stops at the next tensor.
     pub(crate) abandon: Arc<AtomicBool>,
+    /// The byte budget every task's buffers come from.
+    pub(crate) memory: MemoryPool,
 }
+
+/// Memory of a task's upload besides its tensors: the part being filled and those in flight.
+const UPLOAD_MEMORY: u64 = shardpress_storage::UPLOAD_MEMORY;
 
 /// How many times a result is offered to an unavailable coordinator before giving up (the
 /// lease then expires and the task runs again elsewhere).
@@ -68,6 +78,7 @@ struct Done {
     bytes: u64,
     sha256: String,
     output: TaskOutput,
+    memory: TaskMemory,
 }
 
 /// How a task ended.
@@ -123,9 +134,17 @@ async fn execute(
         "running task"
     );
     let store = shared.store.clone();
+    let memory = shared.memory.clone();
     let blocking_progress = progress.clone();
     let joined = tokio::task::spawn_blocking(move || {
-        run_blocking(&store, &source, &destination, &spec, &blocking_progress)
+        run_blocking(
+            &store,
+            &memory,
+            &source,
+            &destination,
+            &spec,
+            &blocking_progress,
+        )
     })
     .await;
     let outcome = match joined {
@@ -149,11 +168,31 @@ async fn execute(
 /// storage adapters block on the runtime.
 fn run_blocking(
     store: &ObjectStore,
+    memory: &MemoryPool,
     source: &S3Uri,
     destination: &S3Uri,
     spec: &TaskSpec,
     progress: &TaskProgress,
 ) -> Outcome {
+    // The task waits here, holding nothing, until the pool has room for it.
+    let threads = rayon::current_num_threads();
+    let reservation =
+        match task_reservation(spec, memory.limit(), UPLOAD_MEMORY, threads).and_then(|need| {
+            memory.reserve(need).map_err(|e| CompressError::Memory {
+                tensor: spec.key.clone(),
+                problem: e.to_string(),
+            })
+        }) {
+            Ok(r) => r,
+            Err(e) => return classify(e, progress),
+        };
+    if progress.cancelled() {
+        return Outcome::Dropped(progress.reason());
+    }
+    let upload_buffers = match reservation.charge(UPLOAD_MEMORY) {
+        Ok(c) => c,
+        Err(e) => return Outcome::fatal(format!("reserving upload buffers: {e}")),
+    };
     let sources: Vec<Arc<dyn ByteSource>> = spec
         .inputs
         .iter()
@@ -167,7 +206,7 @@ fn run_blocking(
     let key = destination.key(&spec.file_name);
     let object = format!("s3://{}/{}", destination.bucket, key);
     let mut writer = store.multipart_writer(&destination.bucket, &key);
-    let output = match run_task(spec, &sources, &mut writer, progress) {
+    let output = match run_task(spec, &sources, &mut writer, progress, &reservation) {
         Ok(o) => o,
         Err(e) => {
             abort_upload(writer, &object);
@@ -187,6 +226,17 @@ fn run_blocking(
             }
         }
     };
+    let used = reservation.stats();
+    let memory = TaskMemory {
+        reserved_bytes: used.reserved,
+        peak_bytes: used.peak,
+        wait_ms: used.wait_ms,
+        buffers: used.buffers,
+        reused: used.reused,
+        limit_bytes: memory.limit().unwrap_or(0),
+    };
+    drop(upload_buffers);
+    drop(reservation);
     if bytes != output.file_bytes {
         return Outcome::fatal(format!(
             "{object}: uploaded {bytes} bytes but the shard has {}",
@@ -198,6 +248,7 @@ fn run_blocking(
         bytes,
         sha256,
         output,
+        memory,
     })
 }
 
@@ -225,6 +276,7 @@ fn classify(e: CompressError, progress: &TaskProgress) -> Outcome {
         | CompressError::Transform { .. }
         | CompressError::Checkpoint(_)
         | CompressError::Plan(_)
+        | CompressError::Memory { .. }
         | CompressError::Output { .. } => false,
     };
     Outcome::Failed {
@@ -437,6 +489,7 @@ async fn complete(
             .as_ref()
             .and_then(|l| serde_json::to_string(l).ok())
             .unwrap_or_default(),
+        memory: Some(done.memory),
     };
     let result = with_retries("CompleteTask", || {
         let mut client = client.clone();

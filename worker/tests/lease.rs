@@ -12,11 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use shardpress_engine::pipeline::{plan_job, run_task, NoProgress, TaskOutput, TaskSpec};
+use shardpress_engine::pipeline::{
+    plan_job, run_task, task_reservation, NoProgress, TaskOutput, TaskSpec,
+};
 use shardpress_engine::report::TensorReport;
 use shardpress_engine::safetensors::TensorSpec;
 use shardpress_engine::source::{ByteSource, LocalFile};
-use shardpress_engine::{Checkpoint, DType, Recipe};
+use shardpress_engine::{Checkpoint, DType, MemoryPool, Recipe};
 use shardpress_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
 use shardpress_proto::v1::*;
 use shardpress_testkit::S3Server;
@@ -258,7 +260,10 @@ fn local_output(dir: &Path, spec: &TaskSpec) -> (Vec<u8>, TaskOutput) {
         })
         .collect();
     let mut out = Vec::new();
-    let report = run_task(spec, &sources, &mut out, &NoProgress).expect("local run");
+    let memory = MemoryPool::unlimited()
+        .reserve(task_reservation(spec, None, 0, 1).expect("need"))
+        .expect("reserve");
+    let report = run_task(spec, &sources, &mut out, &NoProgress, &memory).expect("local run");
     (out, report)
 }
 

@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use shardpress_engine::pipeline::Progress;
 use shardpress_engine::report::TensorReport;
-use shardpress_engine::{compress_local, LocalOptions, Recipe, Report};
+use shardpress_engine::{compress_local, LocalOptions, PoolStats, Recipe, Report};
 
 use crate::size::human;
 
@@ -90,6 +90,13 @@ pub struct Args {
     #[arg(long, env = "SHARDPRESS_THREADS")]
     threads: Option<usize>,
 
+    /// Memory budget for tensor buffers, e.g. 512MiB or 4GiB (default: no limit). Tensors
+    /// larger than the budget are processed in row blocks; tasks wait for memory instead of
+    /// exceeding it. Output bytes do not depend on it. Allow about 64 MiB more for the
+    /// process itself.
+    #[arg(long, env = "SHARDPRESS_MEMORY_LIMIT", value_parser = parse_limit)]
+    memory_limit: Option<u64>,
+
     /// Replace an existing output directory (only after the new one is complete).
     #[arg(long)]
     overwrite: bool,
@@ -120,15 +127,12 @@ impl Progress for Bar {
 /// Runs the command.
 pub fn run(args: Args) -> Result<()> {
     let recipe = Recipe::load(&args.recipe)?;
-    let mut pool = rayon::ThreadPoolBuilder::new();
     if let Some(n) = args.threads {
         anyhow::ensure!(
             (1..=MAX_THREADS).contains(&n),
             "--threads must be 1 to {MAX_THREADS}, got {n}"
         );
-        pool = pool.num_threads(n);
     }
-    let pool = pool.build().context("starting worker threads")?;
     let total = input_bytes(&args.input);
     let bar = if args.quiet {
         ProgressBar::hidden()
@@ -145,9 +149,11 @@ pub fn run(args: Args) -> Result<()> {
     let started = Instant::now();
     let opts = LocalOptions {
         overwrite: args.overwrite,
+        threads: args.threads,
+        memory_limit: args.memory_limit,
     };
-    let report =
-        pool.install(|| compress_local(&args.input, &recipe, &args.out, &opts, &progress))?;
+    let run = compress_local(&args.input, &recipe, &args.out, &opts, &progress)?;
+    let report = &run.report;
     progress.0.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     match args.output {
@@ -159,12 +165,52 @@ pub fn run(args: Args) -> Result<()> {
                 "seconds": secs,
                 "totals": report.totals,
                 "shards": report.shards.len(),
+                "memory": memory_json(&run.memory),
             }))?
         ),
-        OutputFormat::Text if !args.quiet => print_summary(&args, &report, secs),
+        OutputFormat::Text if !args.quiet => {
+            print_summary(&args, report, secs);
+            println!("{}", memory_line(&run.memory));
+        }
         OutputFormat::Text => {}
     }
     Ok(())
+}
+
+fn parse_limit(text: &str) -> Result<u64, String> {
+    match crate::size::parse_size(text)? {
+        0 => Err("the memory limit must be more than 0 bytes".to_string()),
+        n => Ok(n),
+    }
+}
+
+/// The pool statistics as JSON.
+pub fn memory_json(m: &PoolStats) -> serde_json::Value {
+    serde_json::json!({
+        "limit_bytes": m.limit(),
+        "peak_reserved_bytes": m.peak_reserved,
+        "peak_in_use_bytes": m.peak_in_use,
+        "reservations": m.reservations,
+        "waits": m.waits,
+        "wait_ms": m.wait_ms,
+        "buffers": m.buffers,
+        "reuse_rate": m.reuse_rate(),
+    })
+}
+
+/// One line about the memory pool.
+pub fn memory_line(m: &PoolStats) -> String {
+    let limit = m
+        .limit()
+        .map_or("no limit".to_string(), |l| format!("limit {}", human(l)));
+    format!(
+        "memory: {limit}, peak in buffers {}, {} task(s) waited for memory ({:.1}s), {:.0}% of {} buffers reused",
+        human(m.peak_in_use),
+        m.waits,
+        m.wait_ms as f64 / 1000.0,
+        m.reuse_rate() * 100.0,
+        m.buffers
+    )
 }
 
 /// Tensor bytes of the input for the progress bar; 0 (unknown) when it cannot be read yet,

@@ -23,7 +23,10 @@ pub struct Args {
     #[arg(long, env = "SHARDPRESS_CONCURRENCY", default_value_t = shardpress_worker::DEFAULT_CONCURRENCY)]
     concurrency: usize,
 
-    /// Memory budget, e.g. 512MiB or 4GiB (recorded; not enforced yet).
+    /// Memory budget for tensor buffers and uploads, shared by all running tasks, e.g. 512MiB
+    /// or 4GiB (default: no limit). Tasks wait for memory rather than exceed it; tensors
+    /// larger than the budget are read and written in row blocks. A task needs at least
+    /// 24 MiB for its upload besides its tensors. Allow about 64 MiB more for the process.
     #[arg(long, env = "SHARDPRESS_MEMORY_LIMIT", value_parser = parse_size)]
     memory_limit: Option<u64>,
 

@@ -105,25 +105,69 @@ pub fn quantize(
             value: w[i],
         });
     }
+    let tensor = if p.per_channel {
+        None
+    } else {
+        Some(tensor_scale(absmax(w, cols), p)?)
+    };
+    let mut stats = ErrorStats::default();
+    let mut q = quantize_rows(w, rows, cols, p, tensor, 0, &mut stats)?;
+    q.stats = stats;
+    Ok(q)
+}
+
+/// Largest magnitude of a block of finite rows (combine blocks with `max`).
+pub fn absmax(w: &[f32], cols: u64) -> f32 {
     let absmax_of = |row: &[f32]| row.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let row_max: Vec<f32> = w.par_chunks(cols_us).map(absmax_of).collect();
-    let scale_err = |row: u64, scale: f32| QuantError::Scale {
-        row,
+    w.par_chunks((cols as usize).max(1))
+        .map(absmax_of)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .fold(0f32, f32::max)
+}
+
+/// The per-tensor scale for a tensor whose largest magnitude is `absmax`.
+pub fn tensor_scale(absmax: f32, p: &FloatParams) -> Result<f32, QuantError> {
+    scale_for(absmax, p).map_err(|scale| QuantError::Scale {
+        row: 0,
         group: 0,
         scale,
         dtype: p.scale_dtype,
-    };
-    let scales: Vec<f32> = if p.per_channel {
-        row_max
-            .iter()
+    })
+}
+
+/// Quantizes `rows` finite rows starting at row `row0`; per-tensor scaling uses `tensor`
+/// (from [`tensor_scale`]) and returns it as the one scale. Row errors are merged into
+/// `stats` in row order.
+pub fn quantize_rows(
+    w: &[f32],
+    rows: u64,
+    cols: u64,
+    p: &FloatParams,
+    tensor: Option<f32>,
+    row0: u64,
+    stats: &mut ErrorStats,
+) -> Result<Fp8Quantized, QuantError> {
+    let cols_us = (cols as usize).max(1);
+    let scales: Vec<f32> = match tensor {
+        Some(s) if !p.per_channel => vec![s],
+        _ => w
+            .par_chunks(cols_us)
             .enumerate()
-            .map(|(r, m)| scale_for(*m, p).map_err(|s| scale_err(r as u64, s)))
-            .collect::<Result<_, _>>()?
-    } else {
-        let m = row_max.iter().fold(0f32, |a, b| a.max(*b));
-        vec![scale_for(m, p).map_err(|s| scale_err(0, s))?]
+            .map(|(r, row)| {
+                let m = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+                scale_for(m, p).map_err(|scale| QuantError::Scale {
+                    row: row0 + r as u64,
+                    group: 0,
+                    scale,
+                    dtype: p.scale_dtype,
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .collect::<Result<_, _>>()?,
     };
-    debug_assert_eq!(row_max.len() as u64, rows);
+    debug_assert!(!p.per_channel || scales.len() as u64 == rows);
     let mut values = vec![0u8; w.len()];
     let parts: Vec<ErrorStats> = w
         .par_chunks(cols_us)
@@ -139,14 +183,13 @@ pub fn quantize(
             stats
         })
         .collect();
-    let mut stats = ErrorStats::default();
     for part in &parts {
         stats.merge(part);
     }
     Ok(Fp8Quantized {
         values,
         scales,
-        stats,
+        stats: ErrorStats::default(),
     })
 }
 

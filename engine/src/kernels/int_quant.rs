@@ -161,10 +161,61 @@ pub fn quantize(
     cols: u64,
     p: &IntParams,
 ) -> Result<IntQuantized, QuantError> {
+    if let Some(i) = w.par_iter().position_first(|x| !x.is_finite()) {
+        let c = (cols as usize).max(1);
+        return Err(QuantError::NonFinite {
+            row: (i / c) as u64,
+            col: (i % c) as u64,
+            value: w[i],
+        });
+    }
+    let tensor = if p.strategy == Strategy::Tensor && rows * cols > 0 {
+        let mut obs = TensorObserver::new(p);
+        obs.range(w, cols);
+        if obs.needs_errors() {
+            obs.errors(w, cols)
+                .map_err(|scale| tensor_scale_error(scale, p))?;
+        }
+        Some(obs.finish().map_err(|scale| tensor_scale_error(scale, p))?)
+    } else {
+        None
+    };
+    let mut stats = ErrorStats::default();
+    let mut q = quantize_rows(w, rows, cols, p, tensor, 0, &mut stats)?;
+    q.stats = stats;
+    Ok(q)
+}
+
+/// The error for a per-tensor scale the scale dtype cannot hold.
+pub fn tensor_scale_error(scale: f32, p: &IntParams) -> QuantError {
+    QuantError::Scale {
+        row: 0,
+        group: 0,
+        scale,
+        dtype: p.scale_dtype,
+    }
+}
+
+/// Quantizes `rows` finite rows starting at row `row0` of a matrix. With the per-tensor
+/// strategy the scale and zero point come from `tensor` (see [`TensorObserver`]) and the
+/// returned `scales`/`zero_points` hold that one pair. Each row's error is merged into
+/// `stats` in row order, so splitting a matrix into row blocks gives the same sums.
+pub fn quantize_rows(
+    w: &[f32],
+    rows: u64,
+    cols: u64,
+    p: &IntParams,
+    tensor: Option<(f32, i8)>,
+    row0: u64,
+    stats: &mut ErrorStats,
+) -> Result<IntQuantized, QuantError> {
     let (rows_us, cols_us) = (rows as usize, cols as usize);
     debug_assert_eq!(w.len(), rows_us * cols_us);
+    let (prow, pcols) = match p.strategy {
+        Strategy::Tensor => (1, 1),
+        _ => p.param_shape(rows, cols),
+    };
     if rows_us == 0 || cols_us == 0 {
-        let (prow, pcols) = p.param_shape(rows, cols);
         let n = (prow * pcols) as usize;
         return Ok(IntQuantized {
             packed: Vec::new(),
@@ -173,14 +224,6 @@ pub fn quantize(
             stats: ErrorStats::default(),
         });
     }
-    if let Some(i) = w.par_iter().position_first(|x| !x.is_finite()) {
-        return Err(QuantError::NonFinite {
-            row: (i / cols_us.max(1)) as u64,
-            col: (i % cols_us.max(1)) as u64,
-            value: w[i],
-        });
-    }
-    let (prow, pcols) = p.param_shape(rows, cols);
     let group = match p.strategy {
         Strategy::Group(g) => g as usize,
         _ => cols_us.max(1),
@@ -190,21 +233,10 @@ pub fn quantize(
     let mut scales = vec![0f32; (prow * pcols) as usize];
     let mut zero_points = vec![0i8; (prow * pcols) as usize];
 
-    let global = if p.strategy == Strategy::Tensor {
-        let (s, z) = choose_tensor_params(w, cols_us, p).map_err(|scale| QuantError::Scale {
-            row: 0,
-            group: 0,
-            scale,
-            dtype: p.scale_dtype,
-        })?;
+    let row_results: Vec<Result<ErrorStats, QuantError>> = if p.strategy == Strategy::Tensor {
+        let (s, z) = tensor.unwrap_or((1.0, 0));
         scales[0] = s;
         zero_points[0] = z;
-        Some((s, z))
-    } else {
-        None
-    };
-
-    let row_results: Vec<Result<ErrorStats, QuantError>> = if let Some((s, z)) = global {
         w.par_chunks(cols_us.max(1))
             .zip(packed.par_chunks_mut(wpr.max(1)))
             .map(|(row, out)| Ok(encode_row(row, out, &[s], &[z], cols_us.max(1), p)))
@@ -218,7 +250,7 @@ pub fn quantize(
             .map(|(r, (((row, out), sc), zp))| {
                 for (g, chunk) in row.chunks(group).enumerate() {
                     let (s, z) = choose_params(chunk, p).map_err(|scale| QuantError::Scale {
-                        row: r as u64,
+                        row: row0 + r as u64,
                         group: g as u64,
                         scale,
                         dtype: p.scale_dtype,
@@ -230,7 +262,6 @@ pub fn quantize(
             })
             .collect()
     };
-    let mut stats = ErrorStats::default();
     for r in row_results {
         stats.merge(&r?);
     }
@@ -238,8 +269,103 @@ pub fn quantize(
         packed,
         scales,
         zero_points,
-        stats,
+        stats: ErrorStats::default(),
     })
+}
+
+/// Chooses the per-tensor scale and zero point from row blocks fed in order: first every
+/// block to [`TensorObserver::range`], then, when [`TensorObserver::needs_errors`], every
+/// block again to [`TensorObserver::errors`]. Partial sums are taken per row and added in row
+/// order, so the result does not depend on how the rows were split.
+#[derive(Debug, Clone)]
+pub struct TensorObserver {
+    p: IntParams,
+    lo: f32,
+    hi: f32,
+    candidates: Vec<(f32, i8)>,
+    errors: Vec<f64>,
+}
+
+impl TensorObserver {
+    /// An observer for `p` (whose strategy is per tensor).
+    pub fn new(p: &IntParams) -> Self {
+        Self {
+            p: *p,
+            lo: 0.0,
+            hi: 0.0,
+            candidates: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// Takes the range of a block of finite rows.
+    pub fn range(&mut self, w: &[f32], cols: u64) {
+        let (lo, hi) = w
+            .par_chunks((cols as usize).max(1))
+            .map(range_of)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .fold((self.lo, self.hi), |(lo, hi), (a, b)| {
+                (lo.min(a), hi.max(b))
+            });
+        self.lo = lo;
+        self.hi = hi;
+    }
+
+    /// The parameters observed for.
+    pub fn params(&self) -> IntParams {
+        self.p
+    }
+
+    /// Whether a second pass over the rows is needed (the `mse` observer).
+    pub fn needs_errors(&self) -> bool {
+        self.p.observer == Observer::Mse
+    }
+
+    /// Adds a block's squared error under every candidate range. `Err` carries a candidate
+    /// scale the scale dtype cannot hold.
+    pub fn errors(&mut self, w: &[f32], cols: u64) -> Result<(), f32> {
+        if self.candidates.is_empty() {
+            let (lo, hi, p) = (self.lo, self.hi, self.p);
+            self.candidates = (0..MSE_STEPS)
+                .map(|i| {
+                    let shrink = 1.0 - i as f32 / MSE_GRID;
+                    params_for(lo * shrink, hi * shrink, &p)
+                })
+                .collect::<Result<_, _>>()?;
+            self.errors = vec![0.0; self.candidates.len()];
+        }
+        let p = self.p;
+        for (cand, total) in self.candidates.iter().zip(self.errors.iter_mut()) {
+            let per_row: Vec<f64> = w
+                .par_chunks((cols as usize).max(1))
+                .map(|row| group_sq_err(row, cand.0, cand.1, &p))
+                .collect();
+            for e in per_row {
+                *total += e;
+            }
+        }
+        Ok(())
+    }
+
+    /// The chosen scale and zero point. `Err` carries a scale the scale dtype cannot hold.
+    pub fn finish(&self) -> Result<(f32, i8), f32> {
+        match self.p.observer {
+            Observer::Minmax => params_for(self.lo, self.hi, &self.p),
+            Observer::Mse => {
+                let mut best = params_for(self.lo, self.hi, &self.p)?;
+                let mut best_err = f64::INFINITY;
+                for (cand, err) in self.candidates.iter().zip(&self.errors) {
+                    // Strictly better only: ties keep the wider range, deterministically.
+                    if *err < best_err {
+                        best = *cand;
+                        best_err = *err;
+                    }
+                }
+                Ok(best)
+            }
+        }
+    }
 }
 
 fn range_of(values: &[f32]) -> (f32, f32) {
@@ -275,41 +401,6 @@ fn choose_params(values: &[f32], p: &IntParams) -> Result<(f32, i8), f32> {
                 let cand = params_for(lo * shrink, hi * shrink, p)?;
                 let err = group_sq_err(values, cand.0, cand.1, p);
                 // Strictly better only: ties keep the wider range, deterministically.
-                if err < best_err {
-                    best = cand;
-                    best_err = err;
-                }
-            }
-            Ok(best)
-        }
-    }
-}
-
-/// [`choose_params`] over a whole matrix, with partial sums taken per row and added in row
-/// order so the result does not depend on the thread count.
-fn choose_tensor_params(w: &[f32], cols: usize, p: &IntParams) -> Result<(f32, i8), f32> {
-    let (lo, hi) = w
-        .par_chunks(cols.max(1))
-        .map(range_of)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .fold((0f32, 0f32), |(lo, hi), (a, b)| (lo.min(a), hi.max(b)));
-    let tensor_err = |s: f32, z: i8| -> f64 {
-        w.par_chunks(cols.max(1))
-            .map(|row| group_sq_err(row, s, z, p))
-            .collect::<Vec<_>>()
-            .into_iter()
-            .sum()
-    };
-    match p.observer {
-        Observer::Minmax => params_for(lo, hi, p),
-        Observer::Mse => {
-            let mut best = params_for(lo, hi, p)?;
-            let mut best_err = tensor_err(best.0, best.1);
-            for i in 1..MSE_STEPS {
-                let shrink = 1.0 - i as f32 / MSE_GRID;
-                let cand = params_for(lo * shrink, hi * shrink, p)?;
-                let err = tensor_err(cand.0, cand.1);
                 if err < best_err {
                     best = cand;
                     best_err = err;

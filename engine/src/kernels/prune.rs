@@ -98,13 +98,14 @@ pub fn mask(w: &[f32], cols: u64, method: &PruneMethod) -> Vec<bool> {
             sparsity,
             scope: PruneScope::Tensor,
         } => {
-            let k = prune_count(w.len() as u64, sparsity) as usize;
-            if k > 0 {
-                let mut idx: Vec<u32> = (0..w.len() as u32).collect();
-                idx.select_nth_unstable_by(k - 1, by_magnitude(w));
-                for &i in &idx[..k] {
-                    keep[i as usize] = false;
-                }
+            let mut finder = ThresholdFinder::new(w.len() as u64, sparsity);
+            if finder.needs_pass() {
+                finder.high_pass(w);
+                finder.choose_high();
+                finder.low_pass(w);
+            }
+            if let Some(t) = finder.finish() {
+                t.apply_mask(w, &mut 0, &mut keep);
             }
         }
         PruneMethod::Magnitude {
@@ -146,6 +147,138 @@ pub fn mask(w: &[f32], cols: u64, method: &PruneMethod) -> Vec<bool> {
         }
     }
     keep
+}
+
+/// Tensor-scope magnitude pruning as a threshold on the magnitudes: every element with
+/// `|x| < value` is pruned, and so are the first `ties` (in position order) with `|x| ==
+/// value`. Found exactly with two histogram passes over the data, so it streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Threshold {
+    /// Bit pattern of the threshold magnitude (for non-negative floats bit order is value
+    /// order).
+    pub bits: u32,
+    /// Elements at the threshold that are pruned.
+    pub ties: u64,
+}
+
+impl Threshold {
+    /// Marks pruned elements of a block of finite values in `keep` (which it fully
+    /// overwrites); `seen` counts threshold ties already pruned in earlier blocks.
+    pub fn apply_mask(&self, w: &[f32], seen: &mut u64, keep: &mut [bool]) {
+        for (x, k) in w.iter().zip(keep.iter_mut()) {
+            let b = x.abs().to_bits();
+            *k = if b < self.bits {
+                false
+            } else if b == self.bits && *seen < self.ties {
+                *seen += 1;
+                false
+            } else {
+                true
+            };
+        }
+    }
+}
+
+const BINS: usize = 1 << 16;
+
+/// Finds the [`Threshold`] that prunes exactly `prune_count(numel, sparsity)` elements: feed
+/// every block to [`ThresholdFinder::high_pass`], call [`ThresholdFinder::choose_high`], then
+/// feed every block to [`ThresholdFinder::low_pass`].
+#[derive(Debug, Clone)]
+pub struct ThresholdFinder {
+    k: u64,
+    hist: Vec<u64>,
+    high: Option<(u32, u64)>,
+    lows: bool,
+}
+
+impl ThresholdFinder {
+    /// A finder for a tensor of `numel` elements.
+    pub fn new(numel: u64, sparsity: f64) -> Self {
+        Self {
+            k: prune_count(numel, sparsity),
+            hist: Vec::new(),
+            high: None,
+            lows: false,
+        }
+    }
+
+    /// Whether anything is pruned (else no pass is needed).
+    pub fn needs_pass(&self) -> bool {
+        self.k > 0
+    }
+
+    /// Bytes the finder holds at most (one histogram, plus one while a pass adds to it).
+    pub const MEMORY: u64 = 2 * (BINS as u64) * 8;
+
+    fn histogram(w: &[f32], key: impl Fn(u32) -> Option<usize>) -> Vec<u64> {
+        let mut h = vec![0u64; BINS];
+        for x in w {
+            if let Some(b) = key(x.abs().to_bits()) {
+                h[b] += 1;
+            }
+        }
+        h
+    }
+
+    fn add(&mut self, h: Vec<u64>) {
+        if self.hist.is_empty() {
+            self.hist = h;
+        } else {
+            for (x, y) in self.hist.iter_mut().zip(h) {
+                *x += y;
+            }
+        }
+    }
+
+    /// First pass: counts the high 16 bits of every magnitude.
+    pub fn high_pass(&mut self, w: &[f32]) {
+        let h = Self::histogram(w, |b| Some((b >> 16) as usize));
+        self.add(h);
+    }
+
+    /// Picks the high half of the threshold.
+    pub fn choose_high(&mut self) {
+        let (bin, below) = Self::locate(&self.hist, self.k);
+        self.high = Some((bin, below));
+        self.hist.clear();
+        self.lows = true;
+    }
+
+    /// Second pass: counts the low 16 bits of magnitudes in the chosen high bin.
+    pub fn low_pass(&mut self, w: &[f32]) {
+        let Some((bin, _)) = self.high else { return };
+        let h = Self::histogram(w, |b| ((b >> 16) == bin).then_some((b & 0xffff) as usize));
+        self.add(h);
+    }
+
+    /// The bin holding the `k`-th smallest element, and how many elements lie below it.
+    fn locate(hist: &[u64], k: u64) -> (u32, u64) {
+        let mut below = 0u64;
+        for (i, n) in hist.iter().enumerate() {
+            if below + n >= k {
+                return (i as u32, below);
+            }
+            below += n;
+        }
+        (BINS as u32 - 1, below)
+    }
+
+    /// The threshold, or `None` when nothing is pruned.
+    pub fn finish(&self) -> Option<Threshold> {
+        if self.k == 0 {
+            return None;
+        }
+        let (high, below_high) = self.high?;
+        if !self.lows || self.hist.is_empty() {
+            return None;
+        }
+        let (low, below_low) = Self::locate(&self.hist, self.k - below_high);
+        Some(Threshold {
+            bits: (high << 16) | low,
+            ties: self.k - below_high - below_low,
+        })
+    }
 }
 
 /// Zeroes the elements the mask removes.
