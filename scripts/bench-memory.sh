@@ -95,18 +95,16 @@ echo
 echo "==> worker runs (coordinator, s3s-fs and PostgreSQL on 127.0.0.1)" >&2
 state="$work/cluster"
 rm -rf "$state"
-mkdir -p "$state/s3/bench-in/llama" "$state/s3/bench-out" "$state/logs"
+mkdir -p "$state/s3/bench-in" "$state/s3/bench-out" "$state/logs"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
-# The S3 server serves files from its directory: link the checkpoint in instead of copying.
-for f in "$model"/*; do ln "$f" "$state/s3/bench-in/llama/" 2>/dev/null || cp "$f" "$state/s3/bench-in/llama/"; done
 
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
     pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start
     for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
 fi
-psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS shardpress_bench" >/dev/null
+PGOPTIONS='--client-min-messages=warning' psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS shardpress_bench"
 psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE shardpress_bench"
 export AWS_ACCESS_KEY_ID=shardpress-bench AWS_SECRET_ACCESS_KEY=shardpress-bench-secret AWS_REGION=us-east-1
 s3_port="${SHARDPRESS_BENCH_S3_PORT:-9310}"
@@ -118,6 +116,11 @@ s3fs="$(bash scripts/s3-server.sh | tail -n 1)"
     --secret-key "$AWS_SECRET_ACCESS_KEY" "$state/s3" > "$state/logs/s3.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$s3_port") 2>/dev/null && break; sleep 0.1; done
+# Uploaded through the S3 API so the server records each object's checksum once (it would
+# hash the whole file on every ranged read of a file placed in its directory by hand).
+echo "==> upload the checkpoint to s3://bench-in/llama/" >&2
+aws --endpoint-url "$endpoint" s3 cp --recursive --only-show-errors \
+    --exclude .complete "$model" s3://bench-in/llama/
 "$bin" coordinator --listen "127.0.0.1:$grpc_port" \
     --database-url "postgres://postgres@127.0.0.1:5432/shardpress_bench" \
     --s3-endpoint "$endpoint" --s3-path-style > "$state/logs/coordinator.log" 2>&1 &
@@ -159,4 +162,45 @@ for p in $worker_presets; do
     printf '%-10s %-13s %8s MiB %8s %20s %8s MiB\n' "" "$name" "$((rss / 1024))" "" \
         "$(ratio "$rss")" "$((free_rss / 1024))"
     rm -rf "$state/s3/bench-out/limit-$i" "$state/s3/bench-out/free-$i"
+done
+
+# Coordinator planning: only headers are read, so its memory follows the number of tensors,
+# not the bytes. Plans checkpoints of 400 and 4000 small shards (one layer each) and prints
+# the coordinator's peak resident memory after each plan.
+make_shards() {
+    python3 - "$1" "$2" <<'PY'
+import json, os, struct, sys
+out, n = sys.argv[1], int(sys.argv[2])
+os.makedirs(out, exist_ok=True)
+total = n * 4 * 64 * 64
+weight_map = {}
+for i in range(n):
+    name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+    tensor = f"model.layers.{i}.mlp.down_proj.weight"
+    header = {tensor: {"dtype": "F32", "shape": [64, 64], "data_offsets": [0, 64 * 64 * 4]}}
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(os.path.join(out, name), "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + bytes(64 * 64 * 4))
+    weight_map[tensor] = name
+with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+PY
+}
+
+echo
+base="$(awk '/VmHWM/ {print $2}' "/proc/${pids[1]}/status")"
+printf '%-10s %-13s %12s\n' "coordinator" "shards" "peak RSS"
+printf '%-10s %-13s %8s MiB\n' "" "(before)" "$((base / 1024))"
+for n in 400 4000; do
+    make_shards "$state/s3/bench-in/shards-$n" "$n"
+    job="$("$bin" submit "s3://bench-in/shards-$n/" --recipe w8a16 --out "s3://bench-out/shards-$n/")"
+    for _ in $(seq 600); do
+        total="$("$bin" status "$job" --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)["tasks_total"])')"
+        [[ "$total" -gt 0 ]] && break
+        sleep 0.2
+    done
+    rss="$(awk '/VmHWM/ {print $2}' "/proc/${pids[1]}/status")"
+    "$bin" cancel "$job" >/dev/null
+    printf '%-10s %-13s %8s MiB\n' "" "$n" "$((rss / 1024))"
 done

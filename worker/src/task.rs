@@ -502,6 +502,11 @@ async fn complete(
             key = %done.key,
             bytes = done.bytes,
             seconds = started.elapsed().as_secs_f64(),
+            memory_reserved = done.memory.reserved_bytes,
+            memory_peak = done.memory.peak_bytes,
+            memory_wait_ms = done.memory.wait_ms,
+            buffers = done.memory.buffers,
+            buffers_reused = done.memory.reused,
             "task completed"
         ),
         Err(status) if status.code() == Code::FailedPrecondition => warn!(
