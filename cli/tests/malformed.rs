@@ -14,101 +14,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use serde_json::{json, Value};
+use serde_json::Value;
+use shardpress_testkit::hostile::{
+    f32_bytes, f32_ramp, header_json, index_json, malformed_checkpoints, malformed_recipes,
+    raw_file, small_model, st_file, st_file_padded, t, Case, EMBED, HEAD, NORM, Q, SHARD1, SHARD2,
+    T, UP,
+};
 use tempfile::TempDir;
-
-// ---------------------------------------------------------------------------------------------
-// Building checkpoints by hand
-// ---------------------------------------------------------------------------------------------
-
-/// 8-byte little-endian header length, the header text, then the data section.
-fn raw_file(header: &str, data: &[u8]) -> Vec<u8> {
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(data);
-    out
-}
-
-/// A tensor for a well-formed file.
-struct T {
-    name: &'static str,
-    dtype: &'static str,
-    shape: Vec<u64>,
-    data: Vec<u8>,
-}
-
-fn t(name: &'static str, dtype: &'static str, shape: &[u64], data: Vec<u8>) -> T {
-    T {
-        name,
-        dtype,
-        shape: shape.to_vec(),
-        data,
-    }
-}
-
-fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-/// `n` distinct, non-zero f32 values derived from `seed`.
-fn f32_ramp(n: usize, seed: f32) -> Vec<f32> {
-    (0..n)
-        .map(|i| ((i as f32 * 0.37 + seed).sin() + 0.01) * 2.0)
-        .collect()
-}
-
-/// The header JSON of `tensors` laid out back to back, without padding.
-fn header_json(tensors: &[T]) -> String {
-    let mut map = serde_json::Map::new();
-    map.insert("__metadata__".into(), json!({ "format": "pt" }));
-    let mut offset = 0usize;
-    for x in tensors {
-        let end = offset + x.data.len();
-        map.insert(
-            x.name.into(),
-            json!({ "dtype": x.dtype, "shape": x.shape, "data_offsets": [offset, end] }),
-        );
-        offset = end;
-    }
-    Value::Object(map).to_string()
-}
-
-/// A well-formed safetensors file; `pad` spaces follow the header JSON.
-fn st_file_padded(tensors: &[T], pad: usize) -> Vec<u8> {
-    let header = header_json(tensors) + &" ".repeat(pad);
-    let data: Vec<u8> = tensors.iter().flat_map(|x| x.data.clone()).collect();
-    raw_file(&header, &data)
-}
-
-fn st_file(tensors: &[T]) -> Vec<u8> {
-    st_file_padded(tensors, 0)
-}
-
-/// A `model.safetensors.index.json` mapping tensors to shard files.
-fn index_json(entries: &[(&str, &str)]) -> Vec<u8> {
-    let map: serde_json::Map<String, Value> = entries
-        .iter()
-        .map(|(t, f)| (t.to_string(), json!(f)))
-        .collect();
-    serde_json::to_vec_pretty(&json!({ "metadata": { "total_size": 0 }, "weight_map": map }))
-        .expect("json")
-}
-
-const Q: &str = "model.layers.0.self_attn.q_proj.weight";
-const UP: &str = "model.layers.0.mlp.up_proj.weight";
-const NORM: &str = "model.layers.0.input_layernorm.weight";
-const EMBED: &str = "model.embed_tokens.weight";
-const HEAD: &str = "lm_head.weight";
-const SHARD1: &str = "model-00001-of-00002.safetensors";
-const SHARD2: &str = "model-00002-of-00002.safetensors";
-
-/// A small valid model: one quantizable 4×8 weight and a 1-D norm.
-fn small_model() -> Vec<T> {
-    vec![
-        t(Q, "F32", &[4, 8], f32_bytes(&f32_ramp(32, 0.0))),
-        t(NORM, "F32", &[8], f32_bytes(&[1.0; 8])),
-    ]
-}
 
 /// A temporary workspace: the model directory `model/`, output `out/` next to it.
 struct Work {
@@ -231,54 +143,34 @@ fn quoted(name: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn truncated_data() {
-    let w = Work::new();
-    let header = format!(r#"{{"{Q}":{{"dtype":"F32","shape":[4,8],"data_offsets":[0,128]}}}}"#);
-    let path = w.put("model.safetensors", &raw_file(&header, &[0u8; 100]));
-    let line = expect_failure(&w, &w.model(), "w8a16", &[&disp(&path), &quoted(Q)]);
-    assert!(line.contains("truncated"), "{line}");
+fn every_malformed_checkpoint_of_the_corpus() {
+    for case in malformed_checkpoints() {
+        let w = Work::new();
+        write_case(&w, &case);
+        let mut needles: Vec<String> = case.needles.clone();
+        // The error names the file by its full path.
+        if let Some(file) = case.needles.first() {
+            needles[0] = disp(&w.model().join(file));
+        }
+        let refs: Vec<&str> = needles.iter().map(String::as_str).collect();
+        expect_failure(&w, &w.model(), &case.recipe, &refs);
+    }
 }
 
 #[test]
-fn header_length_past_eof() {
-    let w = Work::new();
-    let mut bytes = 500u64.to_le_bytes().to_vec();
-    bytes.extend_from_slice(b"{\"a\":{}}");
-    let path = w.put("model.safetensors", &bytes);
-    expect_failure(&w, &w.model(), "w8a16", &[&disp(&path), "past the end"]);
+fn every_malformed_recipe_of_the_corpus() {
+    for (text, want) in malformed_recipes() {
+        let w = Work::new();
+        w.put("model.safetensors", &st_file(&small_model()));
+        let recipe = w.put_beside("recipe.toml", text.as_bytes());
+        expect_failure(&w, &w.model(), &disp(&recipe), &[&disp(&recipe), want]);
+    }
 }
 
-#[test]
-fn header_length_one_tebibyte() {
-    let w = Work::new();
-    let mut bytes = (1u64 << 40).to_le_bytes().to_vec();
-    bytes.extend_from_slice(&[b' '; 64]);
-    let path = w.put("model.safetensors", &bytes);
-    expect_failure(&w, &w.model(), "w8a16", &[&disp(&path), "1099511627776"]);
-}
-
-#[test]
-fn file_shorter_than_length_prefix() {
-    let w = Work::new();
-    let path = w.put("model.safetensors", &[1, 0, 0, 0, 0]);
-    expect_failure(&w, &w.model(), "w8a16", &[&disp(&path), "5 bytes"]);
-}
-
-#[test]
-fn empty_file() {
-    let w = Work::new();
-    let path = w.put("model.safetensors", &[]);
-    expect_failure(&w, &w.model(), "w8a16", &[&disp(&path), "0 bytes"]);
-}
-
-#[test]
-fn invalid_json_header() {
-    let w = Work::new();
-    let path = w.put(
-        "model.safetensors",
-        &raw_file(r#"{"a":{"dtype":"F32","shape":[1],"#, &[0; 4]),
-    );
-    expect_failure(&w, &w.model(), "w8a16", &[&disp(&path), "JSON"]);
+fn write_case(w: &Work, case: &Case) {
+    for (name, bytes) in &case.files {
+        w.put(name, bytes);
+    }
 }
 
 #[test]
@@ -301,56 +193,12 @@ fn header_not_an_object() {
 }
 
 #[test]
-fn overlapping_offsets() {
-    let w = Work::new();
-    let header = format!(
-        r#"{{"{Q}":{{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}},"{UP}":{{"dtype":"F32","shape":[2,2],"data_offsets":[8,24]}}}}"#
-    );
-    let path = w.put("model.safetensors", &raw_file(&header, &[0; 24]));
-    let line = expect_failure(
-        &w,
-        &w.model(),
-        "w8a16",
-        &[&disp(&path), &quoted(Q), &quoted(UP)],
-    );
-    assert!(line.contains("overlap"), "{line}");
-}
-
-#[test]
-fn hole_between_tensors() {
-    let w = Work::new();
-    let header = format!(
-        r#"{{"{Q}":{{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}},"{UP}":{{"dtype":"F32","shape":[2,2],"data_offsets":[20,36]}}}}"#
-    );
-    let path = w.put("model.safetensors", &raw_file(&header, &[0; 36]));
-    let line = expect_failure(&w, &w.model(), "w8a16", &[&disp(&path), &quoted(UP)]);
-    assert!(line.contains("hole") && line.contains("16..20"), "{line}");
-}
-
-#[test]
 fn trailing_bytes_after_last_tensor() {
     let w = Work::new();
     let header = format!(r#"{{"{Q}":{{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}}}"#);
     let path = w.put("model.safetensors", &raw_file(&header, &[0; 19]));
     let line = expect_failure(&w, &w.model(), "w8a16", &[&disp(&path)]);
     assert!(line.contains("3 trailing bytes"), "{line}");
-}
-
-#[test]
-fn byte_size_disagrees_with_shape_and_dtype() {
-    let w = Work::new();
-    let header = format!(r#"{{"{Q}":{{"dtype":"BF16","shape":[2,3],"data_offsets":[0,16]}}}}"#);
-    let path = w.put("model.safetensors", &raw_file(&header, &[0; 16]));
-    let line = expect_failure(&w, &w.model(), "w8a16", &[&disp(&path), &quoted(Q)]);
-    assert!(line.contains("needs 12"), "{line}");
-}
-
-#[test]
-fn unknown_dtype() {
-    let w = Work::new();
-    let header = format!(r#"{{"{Q}":{{"dtype":"Q4_K","shape":[2,2],"data_offsets":[0,16]}}}}"#);
-    let path = w.put("model.safetensors", &raw_file(&header, &[0; 16]));
-    expect_failure(&w, &w.model(), "w8a16", &[&disp(&path), &quoted(Q), "Q4_K"]);
 }
 
 #[test]
@@ -371,17 +219,6 @@ fn duplicate_tensor_name() {
 }
 
 #[test]
-fn git_lfs_pointer_instead_of_weights() {
-    let w = Work::new();
-    let pointer = b"version https://git-lfs.github.com/spec/v1\n\
-oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n\
-size 12345\n";
-    let path = w.put("model.safetensors", pointer);
-    let line = expect_failure(&w, &w.model(), "w8a16", &[&disp(&path)]);
-    assert!(line.contains("Git LFS"), "{line}");
-}
-
-#[test]
 fn metadata_not_strings() {
     let w = Work::new();
     let header = format!(
@@ -396,37 +233,6 @@ fn metadata_not_strings() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn index_names_a_missing_shard() {
-    let w = Work::new();
-    w.put(SHARD1, &st_file(&small_model()));
-    let index = w.put(
-        "model.safetensors.index.json",
-        &index_json(&[(Q, SHARD1), (NORM, SHARD1), (UP, SHARD2)]),
-    );
-    expect_failure(&w, &w.model(), "w8a16", &[&disp(&index), SHARD2]);
-}
-
-#[test]
-fn index_names_a_tensor_the_shard_lacks() {
-    let w = Work::new();
-    w.put(SHARD1, &st_file(&small_model()));
-    w.put(
-        SHARD2,
-        &st_file(&[t(HEAD, "F32", &[2, 2], f32_bytes(&[1.0; 4]))]),
-    );
-    let index = w.put(
-        "model.safetensors.index.json",
-        &index_json(&[(Q, SHARD1), (NORM, SHARD1), (UP, SHARD2), (HEAD, SHARD2)]),
-    );
-    expect_failure(
-        &w,
-        &w.model(),
-        "w8a16",
-        &[&disp(&index), &quoted(UP), SHARD2],
-    );
-}
-
-#[test]
 fn index_disagrees_about_where_a_tensor_is() {
     let w = Work::new();
     w.put(SHARD1, &st_file(&small_model()));
@@ -439,21 +245,6 @@ fn index_disagrees_about_where_a_tensor_is() {
         &index_json(&[(Q, SHARD2), (NORM, SHARD1), (HEAD, SHARD2)]),
     );
     expect_failure(&w, &w.model(), "w8a16", &[&disp(&index), &quoted(Q)]);
-}
-
-#[test]
-fn shard_holds_a_tensor_the_index_omits() {
-    let w = Work::new();
-    w.put(SHARD1, &st_file(&small_model()));
-    w.put(
-        SHARD2,
-        &st_file(&[t(HEAD, "F32", &[2, 2], f32_bytes(&[1.0; 4]))]),
-    );
-    let index = w.put(
-        "model.safetensors.index.json",
-        &index_json(&[(Q, SHARD1), (HEAD, SHARD2)]),
-    );
-    expect_failure(&w, &w.model(), "w8a16", &[&disp(&index), &quoted(NORM)]);
 }
 
 #[test]
@@ -493,49 +284,9 @@ fn index_with_path_traversal_shard_name() {
     );
 }
 
-#[test]
-fn index_that_is_not_json() {
-    let w = Work::new();
-    w.put(SHARD1, &st_file(&small_model()));
-    let index = w.put("model.safetensors.index.json", b"{\"weight_map\": {");
-    expect_failure(&w, &w.model(), "w8a16", &[&disp(&index), "JSON"]);
-}
-
-#[test]
-fn broken_second_shard() {
-    let w = Work::new();
-    w.put(SHARD1, &st_file(&small_model()));
-    let second = w.put(SHARD2, &raw_file("{", &[]));
-    w.put(
-        "model.safetensors.index.json",
-        &index_json(&[(Q, SHARD1), (NORM, SHARD1), (UP, SHARD2)]),
-    );
-    expect_failure(&w, &w.model(), "w8a16", &[&disp(&second)]);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Bad values, recipes and configs
 // ---------------------------------------------------------------------------------------------
-
-#[test]
-fn nan_weight_in_quantized_matrix() {
-    let w = Work::new();
-    let mut values = f32_ramp(32, 0.0);
-    values[8 + 5] = f32::NAN; // row 1, column 5 of a 4×8 matrix
-    let path = w.put(
-        "model.safetensors",
-        &st_file(&[
-            t(Q, "F32", &[4, 8], f32_bytes(&values)),
-            t(NORM, "F32", &[8], f32_bytes(&[1.0; 8])),
-            t(EMBED, "F32", &[3, 8], f32_bytes(&f32_ramp(24, 2.0))),
-        ]),
-    );
-    let line = expect_failure(&w, &w.model(), "w8a16", &[&disp(&path), &quoted(Q)]);
-    assert!(
-        line.contains("row 1") && line.contains("column 5"),
-        "{line}"
-    );
-}
 
 #[test]
 fn nan_weight_in_bf16_matrix_of_a_sharded_checkpoint() {
@@ -556,40 +307,6 @@ fn nan_weight_in_bf16_matrix_of_a_sharded_checkpoint() {
         line.contains("row 2") && line.contains("column 3"),
         "{line}"
     );
-}
-
-#[test]
-fn bad_recipe_files() {
-    let cases = [
-        (
-            "[[rules]]\ntargets = [\"*.weight\"]\naction = \"quantize\"\nbits = 9\n",
-            "bits must be 2 to 8, got 9",
-        ),
-        (
-            // Q has 8 columns: 3:7 pruning cannot tile them.
-            "[[rules]]\ntargets = [\"*.weight\"]\naction = \"prune\"\nprune = \"3:7\"\n",
-            "needs a column count divisible by 7",
-        ),
-        (
-            "[[rules]]\ntargets = [\"*.weight\"]\naction = \"prune\"\nprune = \"magnitude\"\nsparsity = -0.5\n",
-            "sparsity must be at least 0 and below 1, got -0.5",
-        ),
-        (
-            "[[rules]]\ntargets = [\"*.weight\"]\naction = \"quantize\"\nbits = 4\nstrategy = \"group\"\ngroup_size = 0\n",
-            "group_size must be at least 1",
-        ),
-        (
-            "[[rules]]\ntargets = [\"*.weight\"]\naction = \"sparsify\"\n",
-            "unknown action \"sparsify\"",
-        ),
-        ("[[rules]\n", "recipe"),
-    ];
-    for (text, want) in cases {
-        let w = Work::new();
-        w.put("model.safetensors", &st_file(&small_model()));
-        let recipe = w.put_beside("recipe.toml", text.as_bytes());
-        expect_failure(&w, &w.model(), &disp(&recipe), &[&disp(&recipe), want]);
-    }
 }
 
 #[test]

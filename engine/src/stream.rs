@@ -273,6 +273,19 @@ impl Inputs<'_> {
     fn read(&self, t: &PlannedTensor, offset: u64, buf: &mut [u8]) -> Result<(), CompressError> {
         let (src, data_start) = self.source(t)?;
         let start = data_start + t.info.start + offset;
+        // A read past the tensor's own bytes would take its neighbour's data.
+        if offset.saturating_add(buf.len() as u64) > t.info.byte_len() {
+            return Err(CompressError::Read {
+                file: src.name().to_string(),
+                tensor: t.info.name.clone(),
+                start,
+                end: start + buf.len() as u64,
+                source: std::io::Error::other(format!(
+                    "the range runs past the tensor's {} bytes",
+                    t.info.byte_len()
+                )),
+            });
+        }
         src.read_exact_at(start, buf)
             .map_err(|source| CompressError::Read {
                 file: src.name().to_string(),
@@ -404,9 +417,10 @@ pub(crate) fn stream_tensor<W: Write>(
         tensor: name.to_string(),
         problem,
     })?;
-    let rows = cost.rows.max(1);
+    // A tensor without rows still takes one (empty) block: its shape outputs are written.
+    let rows = cost.rows;
     let rpb = plan.rows_per_block.max(1);
-    let blocks = rows.div_ceil(rpb);
+    let blocks = rows.div_ceil(rpb).max(1);
     let specs = output_specs(&info, &t.action);
     let transform_err = |problem: String| CompressError::Transform {
         file: inputs.file_of(t),

@@ -13,6 +13,7 @@ mod s3;
 
 mod checkpoint;
 pub use checkpoint::write_f32_checkpoint;
+pub mod hostile;
 pub mod llama;
 pub use pg::PgCluster;
 pub use s3::{S3Server, ACCESS_KEY, REGION, SECRET_KEY};
