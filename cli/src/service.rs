@@ -2,13 +2,13 @@
 //! messages, signal handling and the text and JSON forms of a job.
 
 use std::future::Future;
-use std::time::Duration;
+use std::path::PathBuf;
 
 use anyhow::{anyhow, Context, Result};
 use serde_json::{json, Value};
+use shardpress_proto::auth::{endpoint, AuthChannel, Bearer, ClientTls, Token};
 use shardpress_proto::v1::job_service_client::JobServiceClient;
 use shardpress_proto::v1::{Job, JobState};
-use tonic::transport::{Channel, Endpoint};
 
 use crate::size::human;
 
@@ -25,6 +25,26 @@ pub struct ClientArgs {
     /// Output format on stdout.
     #[arg(long, env = "SHARDPRESS_OUTPUT", value_enum, default_value = "text")]
     pub output: OutputFormat,
+
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+/// Credentials and TLS trust for talking to the coordinator.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuthArgs {
+    /// Bearer token the coordinator expects from clients.
+    #[arg(long, env = "SHARDPRESS_CLIENT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// File holding the token (instead of --token).
+    #[arg(long, env = "SHARDPRESS_CLIENT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// PEM certificate authority to trust for an https:// coordinator [default: the
+    /// system's roots].
+    #[arg(long, env = "SHARDPRESS_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// Output format of the client commands.
@@ -76,15 +96,28 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// Connects to the coordinator's job service.
-pub async fn job_client(url: &str) -> Result<JobServiceClient<Channel>> {
-    let channel = Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("coordinator URL {url:?}"))?
-        .connect_timeout(Duration::from_secs(10))
+/// The job service client the commands use.
+pub type JobClient = JobServiceClient<AuthChannel>;
+
+/// Connects to the coordinator's job service with the token and TLS trust of `args`.
+pub async fn job_client(args: &ClientArgs) -> Result<JobClient> {
+    let url = &args.coordinator;
+    let token = Token::load(
+        args.auth.token.as_deref(),
+        args.auth.token_file.as_deref(),
+        "the client token",
+    )?;
+    let tls = ClientTls {
+        ca: args.auth.tls_ca.clone(),
+    };
+    let channel = endpoint(url, &tls)?
         .connect()
         .await
         .map_err(|e| anyhow!("cannot connect to coordinator at {url}: {}", chain(&e)))?;
-    Ok(JobServiceClient::new(channel))
+    Ok(JobServiceClient::with_interceptor(
+        channel,
+        Bearer::new(token),
+    ))
 }
 
 /// A failed RPC as one line: the status message and its code.

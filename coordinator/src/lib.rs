@@ -17,7 +17,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::ServerTlsConfig;
 
+use shardpress_proto::auth::{RequireToken, Token};
 use shardpress_proto::v1::job_service_server::JobServiceServer;
 use shardpress_proto::v1::worker_service_server::WorkerServiceServer;
 use shardpress_proto::v1::FILE_DESCRIPTOR_SET;
@@ -42,6 +45,28 @@ pub struct CoordinatorConfig {
     pub lease_seconds: u32,
     /// Attempts per task before the job fails.
     pub max_attempts: u32,
+    /// Token the job API requires from clients (none: open).
+    pub client_token: Option<Token>,
+    /// Token the worker API requires from workers (none: open).
+    pub worker_token: Option<Token>,
+    /// TLS identity to serve with (none: plain HTTP/2).
+    pub tls: Option<ServerTlsConfig>,
+}
+
+impl CoordinatorConfig {
+    /// Settings with the default lease (60 s) and attempts (3), no tokens and no TLS.
+    pub fn new(listen: SocketAddr, database_url: String, s3: S3Settings) -> Self {
+        Self {
+            listen,
+            database_url,
+            s3,
+            lease_seconds: 60,
+            max_attempts: 3,
+            client_token: None,
+            worker_token: None,
+            tls: None,
+        }
+    }
 }
 
 /// What the services share.
@@ -85,6 +110,12 @@ pub async fn serve(
         config.max_attempts >= 1,
         "--max-attempts must be at least 1"
     );
+    if let (Some(c), Some(w)) = (&config.client_token, &config.worker_token) {
+        anyhow::ensure!(
+            !c.same_as(w),
+            "the client and worker tokens must differ: a client could otherwise act as a worker"
+        );
+    }
     let ctx = Arc::new(Ctx {
         store: db::Store::new(pool),
         objects,
@@ -106,18 +137,38 @@ pub async fn serve(
 
     let sweeper = tokio::spawn(sweep(ctx.clone(), sweep_interval(config.lease_seconds)));
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "coordinator serving");
-    let result = tonic::transport::Server::builder()
+    if !addr.ip().is_loopback() && (config.client_token.is_none() || config.worker_token.is_none())
+    {
+        tracing::warn!(
+            %addr,
+            "serving beyond loopback without client and worker tokens: anyone who can reach \
+             this address can submit jobs or lease tasks"
+        );
+    }
+    tracing::info!(
+        %addr,
+        tls = config.tls.is_some(),
+        client_auth = config.client_token.is_some(),
+        worker_auth = config.worker_token.is_some(),
+        "coordinator serving"
+    );
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = config.tls {
+        server = server.tls_config(tls).context("setting up TLS")?;
+    }
+    let result = server
         .add_service(health)
         .add_service(reflection)
-        .add_service(
+        .add_service(InterceptedService::new(
             JobServiceServer::new(Jobs::new(ctx.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
+            RequireToken::new(config.client_token, "client"),
+        ))
+        .add_service(InterceptedService::new(
             WorkerServiceServer::new(Workers::new(ctx.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
+            RequireToken::new(config.worker_token, "worker"),
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     sweeper.abort();

@@ -40,13 +40,13 @@ impl Env {
         let dir = tempfile::tempdir().expect("tempdir");
         write_tiny_checkpoint(dir.path(), 3);
         s3.upload_dir("src-models", "model/", dir.path()).await;
-        let config = CoordinatorConfig {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            database_url: url.clone(),
-            s3: s3.settings(),
-            lease_seconds,
-            max_attempts,
-        };
+        let mut config = CoordinatorConfig::new(
+            "127.0.0.1:0".parse().expect("addr"),
+            url.clone(),
+            s3.settings(),
+        );
+        config.lease_seconds = lease_seconds;
+        config.max_attempts = max_attempts;
         let db = sqlx::PgPool::connect(&url).await.expect("db");
         let mut env = Env {
             _pg: pg,

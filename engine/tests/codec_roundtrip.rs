@@ -53,7 +53,10 @@ fn value() -> impl Strategy<Value = f32> {
 /// Up to three weights whose column counts are multiples of 4 (for 2:4) and sometimes span
 /// more than one group of 128.
 fn weights() -> impl Strategy<Value = Vec<Weight>> {
-    let one = (1usize..6, prop_oneof![Just(4usize), Just(8), Just(12), Just(132), Just(256)])
+    let one = (
+        1usize..6,
+        prop_oneof![Just(4usize), Just(8), Just(12), Just(132), Just(256)],
+    )
         .prop_flat_map(|(rows, cols)| {
             vec(value(), rows * cols).prop_map(move |values| (rows, cols, values))
         });
@@ -135,8 +138,14 @@ fn round_trip(weights: &[Weight], preset: &str) -> BTreeMap<String, Vec<f32>> {
             threads: Some(threads),
             memory_limit: None,
         };
-        compress_local(&input, &recipe, &out, &opts, &shardpress_engine::pipeline::NoProgress)
-            .unwrap_or_else(|e| panic!("{preset}: {e}"));
+        compress_local(
+            &input,
+            &recipe,
+            &out,
+            &opts,
+            &shardpress_engine::pipeline::NoProgress,
+        )
+        .unwrap_or_else(|e| panic!("{preset}: {e}"));
         outputs.push(out);
     }
     assert!(
@@ -226,7 +235,13 @@ fn check_pruned(
                 pruned += 1;
                 pruned_max = pruned_max.max(x.abs());
             } else {
-                prop_assert_eq!(x.to_bits(), y.to_bits(), "{}: {} kept value changed", preset, w.name);
+                prop_assert_eq!(
+                    x.to_bits(),
+                    y.to_bits(),
+                    "{}: {} kept value changed",
+                    preset,
+                    w.name
+                );
                 if *x != 0.0 {
                     kept_min = kept_min.min(x.abs());
                 }
@@ -235,7 +250,13 @@ fn check_pruned(
         let zeros_in = orig.iter().filter(|x| **x == 0.0).count();
         if let Some(g) = group {
             // N:M prunes exactly half of each group; inputs that are already zero count.
-            prop_assert_eq!(pruned + zeros_in.min(g / 2), g / 2, "{}: {} group", preset, w.name);
+            prop_assert_eq!(
+                pruned + zeros_in.min(g / 2),
+                g / 2,
+                "{}: {} group",
+                preset,
+                w.name
+            );
             prop_assert!(pruned + zeros_in >= g / 2);
         }
         prop_assert!(
@@ -252,7 +273,13 @@ fn check_pruned(
         let n = w.values.len();
         let zeros_in = w.values.iter().filter(|x| **x == 0.0).count();
         let target = n / 2;
-        prop_assert_eq!(pruned_total + zeros_in.min(target), target, "{}: {}", preset, w.name);
+        prop_assert_eq!(
+            pruned_total + zeros_in.min(target),
+            target,
+            "{}: {}",
+            preset,
+            w.name
+        );
     }
     Ok(())
 }

@@ -1,9 +1,10 @@
 //! gRPC definitions of the job service (clients) and the worker service (workers), generated
 //! from `proto/shardpress.proto`.
 
-#![allow(missing_docs, clippy::all, missing_debug_implementations)]
+pub mod auth;
 
 /// Version 1 of the API.
+#[allow(missing_docs, clippy::all, missing_debug_implementations)]
 pub mod v1 {
     tonic::include_proto!("shardpress.v1");
 

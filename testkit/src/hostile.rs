@@ -22,13 +22,15 @@ pub struct Case {
 }
 
 impl Case {
-    fn new(name: &'static str, files: Vec<(&str, Vec<u8>)>, recipe: &str, needles: &[&str]) -> Self {
+    fn new(
+        name: &'static str,
+        files: Vec<(&str, Vec<u8>)>,
+        recipe: &str,
+        needles: &[&str],
+    ) -> Self {
         Self {
             name,
-            files: files
-                .into_iter()
-                .map(|(n, b)| (n.to_string(), b))
-                .collect(),
+            files: files.into_iter().map(|(n, b)| (n.to_string(), b)).collect(),
             recipe: recipe.to_string(),
             needles: needles.iter().map(|n| n.to_string()).collect(),
         }
@@ -159,7 +161,12 @@ fn one_file(name: &'static str, bytes: Vec<u8>, needles: &[&str]) -> Case {
     Case::new(name, vec![(SINGLE, bytes)], "w8a16", &all)
 }
 
-fn two_shards(name: &'static str, second: Vec<u8>, index: &[(&str, &str)], needles: &[&str]) -> Case {
+fn two_shards(
+    name: &'static str,
+    second: Vec<u8>,
+    index: &[(&str, &str)],
+    needles: &[&str],
+) -> Case {
     Case::new(
         name,
         vec![
@@ -286,7 +293,10 @@ pub fn malformed_checkpoints() -> Vec<Case> {
             "index-names-missing-shard",
             vec![
                 (SHARD1, st_file(&small_model())),
-                (INDEX, index_json(&[(Q, SHARD1), (NORM, SHARD1), (UP, SHARD2)])),
+                (
+                    INDEX,
+                    index_json(&[(Q, SHARD1), (NORM, SHARD1), (UP, SHARD2)]),
+                ),
             ],
             "w8a16",
             &[INDEX, SHARD2],

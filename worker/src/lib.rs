@@ -19,6 +19,7 @@ mod task;
 use std::time::Duration;
 
 pub use runner::run;
+use shardpress_proto::auth::{ClientTls, Token};
 pub use shardpress_storage::S3Settings;
 
 /// Tasks run at once unless configured otherwise.
@@ -45,6 +46,10 @@ pub struct WorkerConfig {
     pub poll_interval: Duration,
     /// How long running tasks may take to finish after shutdown is requested.
     pub shutdown_grace: Duration,
+    /// Bearer token presented to the coordinator's worker API.
+    pub token: Option<Token>,
+    /// TLS trust for an `https://` coordinator.
+    pub tls: ClientTls,
 }
 
 impl WorkerConfig {
@@ -59,6 +64,8 @@ impl WorkerConfig {
             s3,
             poll_interval: DEFAULT_POLL_INTERVAL,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            token: None,
+            tls: ClientTls::default(),
         }
     }
 }

@@ -6,14 +6,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use shardpress_engine::MemoryPool;
+use shardpress_proto::auth::{endpoint, AuthChannel, Bearer};
 use shardpress_proto::v1::worker_service_client::WorkerServiceClient;
 use shardpress_proto::v1::LeaseTasksRequest;
 use shardpress_storage::{s3_client, ObjectStore};
 use tokio::sync::Semaphore;
 use tokio::task::{JoinError, JoinSet};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tracing::{error, info, warn};
 
 use crate::backoff::{jitter, Backoff};
@@ -37,8 +37,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> an
         !config.worker_id.trim().is_empty(),
         "worker id must not be empty"
     );
-    let endpoint = Endpoint::from_shared(config.coordinator.clone())
-        .with_context(|| format!("coordinator URL {:?}", config.coordinator))?
+    let endpoint = endpoint(&config.coordinator, &config.tls)?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(RPC_TIMEOUT)
         .tcp_keepalive(Some(Duration::from_secs(30)));
@@ -83,7 +82,7 @@ struct Leaser {
     config: WorkerConfig,
     endpoint: Endpoint,
     /// The current connection; `None` after a failure that calls for reconnecting.
-    client: Option<WorkerServiceClient<Channel>>,
+    client: Option<WorkerServiceClient<AuthChannel>>,
     backoff: Backoff,
     /// One permit per task slot; a running task holds one.
     slots: Arc<Semaphore>,
@@ -147,12 +146,22 @@ impl Leaser {
             Err(status) => {
                 drop(permits);
                 let delay = self.backoff.next_delay();
-                warn!(
-                    code = ?status.code(),
-                    "LeaseTasks failed: {}; retrying in {:.1}s",
-                    status.message(),
-                    delay.as_secs_f64()
-                );
+                if status.code() == tonic::Code::Unauthenticated {
+                    // Keeps trying: the coordinator's token may be rotated to ours.
+                    error!(
+                        "the coordinator refused this worker's credentials: {}; check \
+                         --token / SHARDPRESS_WORKER_TOKEN; retrying in {:.1}s",
+                        status.message(),
+                        delay.as_secs_f64()
+                    );
+                } else {
+                    warn!(
+                        code = ?status.code(),
+                        "LeaseTasks failed: {}; retrying in {:.1}s",
+                        status.message(),
+                        delay.as_secs_f64()
+                    );
+                }
                 if matches!(
                     status.code(),
                     tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
@@ -166,7 +175,7 @@ impl Leaser {
     }
 
     /// The current client, connecting first (and retrying forever) when there is none.
-    async fn connected(&mut self) -> WorkerServiceClient<Channel> {
+    async fn connected(&mut self) -> WorkerServiceClient<AuthChannel> {
         loop {
             if let Some(c) = &self.client {
                 return c.clone();
@@ -177,7 +186,10 @@ impl Leaser {
                         info!(coordinator = %self.config.coordinator, "connected to coordinator");
                     }
                     self.backoff.reset();
-                    self.client = Some(WorkerServiceClient::new(channel));
+                    self.client = Some(WorkerServiceClient::with_interceptor(
+                        channel,
+                        Bearer::new(self.config.token.clone()),
+                    ));
                 }
                 Err(e) => {
                     let delay = self.backoff.next_delay();

@@ -11,6 +11,7 @@ use shardpress_engine::pipeline::{
 use shardpress_engine::safetensors::WriteError;
 use shardpress_engine::source::ByteSource;
 use shardpress_engine::MemoryPool;
+use shardpress_proto::auth::AuthChannel;
 use shardpress_proto::v1::worker_service_client::WorkerServiceClient;
 use shardpress_proto::v1::{
     CompleteTaskRequest, FailTaskRequest, HeartbeatRequest, TaskLease, TaskMemory,
@@ -18,7 +19,6 @@ use shardpress_proto::v1::{
 use shardpress_storage::{MultipartWriter, ObjectStore, S3Uri, StorageError};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 use tonic::Code;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
@@ -45,7 +45,7 @@ const REPORT_ATTEMPTS: u32 = 6;
 /// Runs one leased task to the end, holding `permit` (its slot) until then.
 pub(crate) async fn run_lease(
     shared: Arc<Shared>,
-    client: WorkerServiceClient<Channel>,
+    client: WorkerServiceClient<AuthChannel>,
     lease: TaskLease,
     permit: OwnedSemaphorePermit,
 ) {
@@ -103,7 +103,7 @@ impl Outcome {
 
 async fn execute(
     shared: &Arc<Shared>,
-    client: &WorkerServiceClient<Channel>,
+    client: &WorkerServiceClient<AuthChannel>,
     lease: &TaskLease,
 ) -> Outcome {
     let spec: TaskSpec = match serde_json::from_str(&lease.spec_json) {
@@ -366,7 +366,7 @@ fn heartbeat_period(lease_seconds: u32) -> Duration {
 /// withdraws it, in which case the task is told to stop. The first heartbeat goes out at
 /// once: it reports the start and catches a lease withdrawn between leasing and starting.
 async fn heartbeat_loop(
-    mut client: WorkerServiceClient<Channel>,
+    mut client: WorkerServiceClient<AuthChannel>,
     lease: TaskLease,
     progress: Arc<TaskProgress>,
 ) {
@@ -457,7 +457,7 @@ where
 }
 
 async fn complete(
-    client: &WorkerServiceClient<Channel>,
+    client: &WorkerServiceClient<AuthChannel>,
     lease: &TaskLease,
     done: Done,
     started: Instant,
@@ -524,7 +524,7 @@ async fn complete(
 }
 
 async fn fail(
-    client: &WorkerServiceClient<Channel>,
+    client: &WorkerServiceClient<AuthChannel>,
     lease: &TaskLease,
     message: String,
     retryable: bool,

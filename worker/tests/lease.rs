@@ -261,7 +261,7 @@ fn local_output(dir: &Path, spec: &TaskSpec) -> (Vec<u8>, TaskOutput) {
         .collect();
     let mut out = Vec::new();
     let memory = MemoryPool::unlimited()
-        .reserve(task_reservation(spec, None, 0, 1).expect("need"))
+        .reserve(task_reservation(spec, None, 0, rayon::current_num_threads()).expect("need"))
         .expect("reserve");
     let report = run_task(spec, &sources, &mut out, &NoProgress, &memory).expect("local run");
     (out, report)

@@ -23,7 +23,7 @@ pub struct Args {
 /// Runs the command.
 pub fn run(args: Args) -> Result<()> {
     let job = runtime()?.block_on(async {
-        let mut client = job_client(&args.client.coordinator).await?;
+        let mut client = job_client(&args.client).await?;
         client
             .cancel_job(CancelJobRequest {
                 job_id: args.job_id.clone(),

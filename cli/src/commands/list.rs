@@ -77,7 +77,7 @@ pub fn run(args: Args) -> Result<()> {
         .map(|s| JobState::from(*s) as i32)
         .collect();
     let (jobs, next) = runtime()?.block_on(async {
-        let mut client = job_client(&args.client.coordinator).await?;
+        let mut client = job_client(&args.client).await?;
         let mut jobs = Vec::new();
         let mut token = args.page_token.clone().unwrap_or_default();
         loop {

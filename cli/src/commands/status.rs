@@ -22,7 +22,7 @@ pub struct Args {
 /// Runs the command.
 pub fn run(args: Args) -> Result<()> {
     let job = runtime()?.block_on(async {
-        let mut client = job_client(&args.client.coordinator).await?;
+        let mut client = job_client(&args.client).await?;
         client
             .get_job(GetJobRequest {
                 job_id: args.job_id.clone(),

@@ -101,7 +101,7 @@ fn request(args: &Args) -> Result<SubmitJobRequest> {
 pub fn run(args: Args) -> Result<()> {
     let request = request(&args)?;
     let response = runtime()?.block_on(async {
-        let mut client = job_client(&args.client.coordinator).await?;
+        let mut client = job_client(&args.client).await?;
         client
             .submit_job(request)
             .await

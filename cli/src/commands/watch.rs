@@ -5,14 +5,12 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use shardpress_proto::v1::job_service_client::JobServiceClient;
 use shardpress_proto::v1::{Job, JobState, WatchJobRequest};
-use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::service::{
     is_terminal, job_client, job_json, ratio_text, rpc_error, runtime, state_name, state_of,
-    ClientArgs, OutputFormat,
+    ClientArgs, JobClient, OutputFormat,
 };
 use crate::size::human;
 
@@ -61,7 +59,7 @@ pub fn run(args: Args) -> Result<()> {
 /// Streams the job's events until a terminal state and returns that last state. A stream
 /// that breaks (coordinator restart, network) is opened again a few times.
 async fn follow(args: &Args) -> Result<Job> {
-    let mut client = job_client(&args.client.coordinator).await?;
+    let mut client = job_client(&args.client).await?;
     let display = Display::new(args.client.output);
     let mut broken = 0;
     loop {
@@ -91,11 +89,7 @@ enum StreamEnd {
     Broken(String),
 }
 
-async fn stream_once(
-    client: &mut JobServiceClient<Channel>,
-    job_id: &str,
-    display: &Display,
-) -> Result<StreamEnd> {
+async fn stream_once(client: &mut JobClient, job_id: &str, display: &Display) -> Result<StreamEnd> {
     let request = WatchJobRequest {
         job_id: job_id.to_string(),
     };

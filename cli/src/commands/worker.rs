@@ -1,8 +1,10 @@
 //! `shardpress worker`: run a worker process of the service.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
+use shardpress_proto::auth::{ClientTls, Token};
 use shardpress_worker::{default_worker_id, WorkerConfig};
 
 use crate::service::{runtime, shutdown_signal, S3Args, DEFAULT_COORDINATOR};
@@ -42,6 +44,19 @@ pub struct Args {
     #[arg(long, env = "SHARDPRESS_SHUTDOWN_GRACE", default_value_t = 60.0)]
     shutdown_grace: f64,
 
+    /// Bearer token the coordinator expects from workers.
+    #[arg(long, env = "SHARDPRESS_WORKER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
+    /// File holding the worker token (instead of --token).
+    #[arg(long, env = "SHARDPRESS_WORKER_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+
+    /// PEM certificate authority to trust for an https:// coordinator [default: the
+    /// system's roots].
+    #[arg(long, env = "SHARDPRESS_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+
     #[command(flatten)]
     s3: S3Args,
 }
@@ -68,6 +83,12 @@ fn config(args: Args) -> Result<WorkerConfig> {
     config.memory_limit = args.memory_limit;
     config.poll_interval = seconds("--poll-interval", args.poll_interval)?;
     config.shutdown_grace = seconds("--shutdown-grace", args.shutdown_grace)?;
+    config.token = Token::load(
+        args.token.as_deref(),
+        args.token_file.as_deref(),
+        "the worker token",
+    )?;
+    config.tls = ClientTls { ca: args.tls_ca };
     Ok(config)
 }
 
