@@ -131,7 +131,22 @@ pub struct FinalizeInput {
     pub destination_uri: String,
     pub recipe: RecipeFile,
     pub files: JobFiles,
-    pub tasks: Vec<(TaskSpec, TaskOutput, String, i64)>,
+    pub tasks: Vec<FinishedTask>,
+}
+
+/// A succeeded task as the finalizer needs it.
+#[derive(Debug, Clone)]
+pub struct FinishedTask {
+    pub spec: TaskSpec,
+    pub output: TaskOutput,
+    /// Key of the uploaded shard in the destination bucket.
+    pub key: String,
+    /// Its size as the worker reported it.
+    pub bytes: i64,
+    /// Hex SHA-256 of its bytes as the worker computed them.
+    pub sha256: String,
+    /// Its entity tag right after the upload, when the store gave one.
+    pub etag: Option<String>,
 }
 
 /// A finished task's stored outputs.
@@ -141,6 +156,8 @@ struct DoneTask {
     result: Option<Value>,
     output_key: Option<String>,
     output_bytes: Option<i64>,
+    output_sha256: Option<String>,
+    output_etag: Option<String>,
 }
 
 /// Outcome of a fenced task update.
@@ -401,7 +418,7 @@ impl Store {
         (job, seq, token): (Uuid, i32, Uuid),
         output_key: &str,
         output_bytes: i64,
-        sha256: &str,
+        (sha256, etag): (&str, Option<&str>),
         output: &TaskOutput,
         memory: Option<&ReservationStats>,
     ) -> anyhow::Result<(Fenced, bool)> {
@@ -410,7 +427,7 @@ impl Store {
             "UPDATE tasks t SET state = 'succeeded', output_key = $4, output_bytes = $5,
                     output_sha256 = $6, result = $7, finished_at = now(), lease_token = NULL,
                     lease_expires_at = NULL, error = NULL, bytes_done = t.bytes_in,
-                    memory = $8
+                    memory = $8, output_etag = $9
              FROM jobs j
              WHERE t.job_id = $1 AND t.seq = $2 AND t.lease_token = $3 AND t.state = 'leased'
                AND j.id = t.job_id AND j.state IN ('queued', 'running')",
@@ -423,6 +440,7 @@ impl Store {
         .bind(sha256)
         .bind(serde_json::to_value(output)?)
         .bind(memory.map(serde_json::to_value).transpose()?)
+        .bind(etag)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -574,7 +592,8 @@ impl Store {
             return Ok(None);
         };
         let rows: Vec<DoneTask> = sqlx::query_as(
-            "SELECT spec, result, output_key, output_bytes FROM tasks WHERE job_id = $1 ORDER BY seq",
+            "SELECT spec, result, output_key, output_bytes, output_sha256, output_etag
+             FROM tasks WHERE job_id = $1 ORDER BY seq",
         )
         .bind(id)
         .fetch_all(&self.pool)
@@ -585,11 +604,18 @@ impl Store {
             result,
             output_key: key,
             output_bytes: bytes,
+            output_sha256: sha256,
+            output_etag: etag,
         } in rows
         {
-            let spec: TaskSpec = serde_json::from_value(spec)?;
-            let result: TaskOutput = serde_json::from_value(result.unwrap_or(Value::Null))?;
-            tasks.push((spec, result, key.unwrap_or_default(), bytes.unwrap_or(0)));
+            tasks.push(FinishedTask {
+                spec: serde_json::from_value(spec)?,
+                output: serde_json::from_value(result.unwrap_or(Value::Null))?,
+                key: key.unwrap_or_default(),
+                bytes: bytes.unwrap_or(0),
+                sha256: sha256.unwrap_or_default(),
+                etag,
+            });
         }
         Ok(Some(FinalizeInput {
             job_id: id,

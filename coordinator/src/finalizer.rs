@@ -57,27 +57,43 @@ async fn try_finalize(ctx: &Ctx, job: Uuid) -> Result<bool, Failure> {
             fatal(e.to_string())
         }
     };
-    // Every shard must be in place with the size its worker reported.
+    // Every shard must be where its spec puts it, with the size and entity tag its worker saw
+    // right after the upload: a shard replaced, truncated or deleted since fails the job
+    // rather than being indexed.
     let mut specs = Vec::with_capacity(input.tasks.len());
     let mut outputs = Vec::with_capacity(input.tasks.len());
-    for (spec, output, key, bytes) in input.tasks {
-        let meta = ctx
-            .objects
-            .head(&dest.bucket, &key)
-            .await
-            .map_err(storage)?;
+    for done in input.tasks {
+        let key = &done.key;
+        let object = format!("s3://{}/{key}", dest.bucket);
+        if *key != dest.key(&done.spec.file_name) {
+            return Err(fatal(format!(
+                "task {} reported its shard at {object}, not at {}",
+                done.spec.key,
+                dest.key(&done.spec.file_name)
+            )));
+        }
+        let meta = ctx.objects.head(&dest.bucket, key).await.map_err(storage)?;
         match meta {
-            Some(m) if m.size as i64 == bytes => {}
-            Some(m) => {
+            Some(m) if m.size as i64 != done.bytes => {
                 return Err(fatal(format!(
-                    "s3://{}/{key} is {} bytes but its task reported {bytes}",
-                    dest.bucket, m.size
+                    "{object} is {} bytes but its task reported {}",
+                    m.size, done.bytes
                 )))
             }
-            None => return Err(fatal(format!("s3://{}/{key} is missing", dest.bucket))),
+            Some(m) => match (&done.etag, &m.etag) {
+                (Some(want), Some(got)) if want != got => {
+                    return Err(fatal(format!(
+                        "{object} changed after its task uploaded it (ETag {got:?}, uploaded as \
+                         {want:?}; SHA-256 of the upload {})",
+                        done.sha256
+                    )))
+                }
+                _ => {}
+            },
+            None => return Err(fatal(format!("{object} is missing"))),
         }
-        specs.push(spec);
-        outputs.push(output);
+        specs.push(done.spec);
+        outputs.push(done.output);
     }
     let fin = finalize_metadata(&recipe, &specs, outputs, &input.files);
     for rel in &input.files.other_files {

@@ -2,7 +2,7 @@
 
 use shardpress_engine::pipeline::{plan_job, JobFiles, TaskSpec};
 use shardpress_engine::Recipe;
-use shardpress_storage::{open_checkpoint, ObjectStore, S3Uri};
+use shardpress_storage::{open_checkpoint_versions, ObjectStore, S3Uri};
 
 use crate::error::ApiError;
 
@@ -20,7 +20,8 @@ pub enum Planned {
     Failed(String),
 }
 
-/// Reads only the headers (and small JSON files) under `source` and plans the job. Transient
+/// Reads only the headers (and small JSON files) under `source` and plans the job; each task
+/// input records the entity tag its file had, so workers read that version or fail. Transient
 /// storage trouble is an `Unavailable` error (nothing stored, the client retries); a bad or
 /// missing input is a `Failed` plan.
 pub async fn plan(
@@ -28,7 +29,7 @@ pub async fn plan(
     source: &S3Uri,
     recipe: &Recipe,
 ) -> Result<Planned, ApiError> {
-    let ckpt = match open_checkpoint(objects, source).await {
+    let (ckpt, etags) = match open_checkpoint_versions(objects, source).await {
         Ok(c) => c,
         Err(e) if e.is_retryable() => {
             return Err(ApiError::Unavailable(format!("reading {source}: {e}")))
@@ -46,7 +47,12 @@ pub async fn plan(
             let _ = files;
             Planned::Failed(format!("{source}: the checkpoint has no tensors"))
         }
-        Ok((tasks, files)) => Planned::Ok { tasks, files },
+        Ok((mut tasks, files)) => {
+            for input in tasks.iter_mut().flat_map(|t| t.inputs.iter_mut()) {
+                input.etag = etags.get(&input.file).cloned();
+            }
+            Planned::Ok { tasks, files }
+        }
         Err(e) => Planned::Failed(e.to_string()),
     })
 }

@@ -118,6 +118,9 @@ impl WorkerService for Workers {
         if req.sha256.len() != 64 || !req.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(ApiError::Invalid("sha256 must be 64 hex digits".into()).into());
         }
+        if req.output_etag.len() > 1024 {
+            return Err(ApiError::Invalid("output_etag is longer than 1024 bytes".into()).into());
+        }
         let layer = if req.layer_json.is_empty() {
             None
         } else {
@@ -140,7 +143,10 @@ impl WorkerService for Workers {
                 (job, seq, token),
                 &req.output_key,
                 bytes,
-                &req.sha256,
+                (
+                    &req.sha256,
+                    Some(req.output_etag.as_str()).filter(|e| !e.is_empty()),
+                ),
                 &output,
                 req.memory
                     .as_ref()

@@ -354,6 +354,7 @@ async fn expired_lease_is_requeued_and_the_stale_worker_is_fenced_out() {
             tensors_json: "[]".into(),
             layer_json: String::new(),
             memory: None,
+            output_etag: String::new(),
         })
         .await
         .expect_err("stale completion");
@@ -517,4 +518,124 @@ async fn a_restarted_coordinator_keeps_jobs_and_leases() {
         .into_inner();
     assert_eq!(listed.jobs.len(), 1);
     let _ = &env.s3;
+}
+
+/// Completes every leased task with a small object uploaded at its output key; the task
+/// whose sequence number is `tamper` reports another entity tag than its object has.
+async fn complete_all_with_uploads(env: &mut Env, job: &str, tamper: Option<u32>) {
+    let store = env.s3.store().await;
+    let mut done = 0;
+    for _ in 0..300 {
+        if done == 5 {
+            break;
+        }
+        let leases = env.lease("w1", 16).await;
+        if leases.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        for l in leases {
+            let spec: serde_json::Value = serde_json::from_str(&l.spec_json).expect("spec");
+            let file = spec["file_name"].as_str().expect("file_name");
+            let key = format!("model-w8/{file}");
+            let body = format!("shard {file}").into_bytes();
+            let len = body.len() as u64;
+            store
+                .put("dst-models", &key, body.into())
+                .await
+                .expect("upload");
+            let mut etag = store
+                .head("dst-models", &key)
+                .await
+                .expect("head")
+                .and_then(|m| m.etag)
+                .expect("etag");
+            if tamper == Some(l.task_seq) {
+                etag = "0123456789abcdef0123456789abcdef".into();
+            }
+            env.workers
+                .complete_task(CompleteTaskRequest {
+                    job_id: job.into(),
+                    task_seq: l.task_seq,
+                    lease_token: l.lease_token.clone(),
+                    output_key: key,
+                    output_bytes: len,
+                    sha256: "ab".repeat(32),
+                    tensors_json: "[]".into(),
+                    layer_json: String::new(),
+                    memory: None,
+                    output_etag: etag,
+                })
+                .await
+                .expect("complete");
+            done += 1;
+        }
+    }
+    assert_eq!(done, 5, "every task completed");
+}
+
+async fn wait_terminal(env: &mut Env, id: &str) -> Job {
+    for _ in 0..300 {
+        let job = env.job(id).await;
+        if job.state == JobState::Succeeded as i32 || job.state == JobState::Failed as i32 {
+            return job;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("job {id} did not end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_versions_are_pinned_and_shards_checked_at_finalize() {
+    let mut env = Env::start(30, 3).await;
+    let store = env.s3.store().await;
+    let r = env
+        .submit("s3://src-models/model/", preset("w8a16"), "versions")
+        .await
+        .expect("submit");
+    // Each task's inputs carry the entity tag their object had at planning.
+    let leases = env.lease("w0", 1).await;
+    let spec: serde_json::Value = serde_json::from_str(&leases[0].spec_json).expect("spec");
+    let input = &spec["inputs"][0];
+    let key = format!("model/{}", input["file"].as_str().expect("file"));
+    let etag = store
+        .head("src-models", &key)
+        .await
+        .expect("head")
+        .and_then(|m| m.etag)
+        .expect("etag");
+    assert_eq!(input["etag"], serde_json::json!(etag), "{spec}");
+    env.workers
+        .fail_task(FailTaskRequest {
+            job_id: r.job_id.clone(),
+            task_seq: leases[0].task_seq,
+            lease_token: leases[0].lease_token.clone(),
+            error: "handing it back".into(),
+            retryable: true,
+        })
+        .await
+        .expect("fail");
+    // A shard whose entity tag differs from the one its worker reported fails the job at
+    // finalize, naming the object; untouched shards pass the same check.
+    complete_all_with_uploads(&mut env, &r.job_id, Some(2)).await;
+    let job = wait_terminal(&mut env, &r.job_id).await;
+    assert_eq!(job.state, JobState::Failed as i32, "{job:?}");
+    assert!(
+        job.error.contains("changed after its task uploaded it"),
+        "{}",
+        job.error
+    );
+    assert!(
+        job.error.contains("s3://dst-models/model-w8/"),
+        "{}",
+        job.error
+    );
+
+    let ok = env
+        .submit("s3://src-models/model/", preset("w8a16"), "versions-ok")
+        .await
+        .expect("submit");
+    complete_all_with_uploads(&mut env, &ok.job_id, None).await;
+    let job = wait_terminal(&mut env, &ok.job_id).await;
+    assert_eq!(job.state, JobState::Succeeded as i32, "{job:?}");
 }

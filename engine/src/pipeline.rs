@@ -132,6 +132,10 @@ pub struct TaskInput {
     pub data_start: u64,
     /// File length, as seen at planning.
     pub len: u64,
+    /// Entity tag of the file's version at planning, when the store has one; reads are
+    /// pinned to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
 }
 
 /// One unit of work: a layer group written as one output shard. Self-contained, so a worker
@@ -212,6 +216,7 @@ pub fn plan_job(ckpt: &Checkpoint, recipe: &Recipe) -> Result<JobPlan, CompressE
                         file: shard.file_name.clone(),
                         data_start: shard.header.data_start(),
                         len: shard.source.len(),
+                        etag: None,
                     });
                     inputs.len() - 1
                 }

@@ -216,6 +216,20 @@ pub enum StorageError {
         /// What is wrong with it.
         problem: String,
     },
+    /// The object was replaced after its version was recorded (an `If-Match` failed).
+    #[error(
+        "{}: the object changed after the job was planned (its ETag is no longer {expected:?}); \
+         submit a new job to compress the new version",
+        obj(.bucket, .key)
+    )]
+    Changed {
+        /// Bucket.
+        bucket: String,
+        /// Key.
+        key: String,
+        /// The entity tag recorded when the job was planned.
+        expected: String,
+    },
     /// A multipart upload cannot go on (an earlier failure, too many parts).
     #[error("{}: upload failed: {problem}", obj(.bucket, .key))]
     Upload {
@@ -250,6 +264,7 @@ impl StorageError {
             | Self::TooLarge { .. }
             | Self::Request { .. }
             | Self::InvalidUri { .. }
+            | Self::Changed { .. }
             | Self::Upload { .. } => false,
         }
     }

@@ -15,7 +15,7 @@ mod source;
 mod store;
 mod uri;
 
-pub use checkpoint::{open_checkpoint, OpenCheckpointError};
+pub use checkpoint::{open_checkpoint, open_checkpoint_versions, OpenCheckpointError};
 pub use error::StorageError;
 pub use multipart::{MultipartWriter, MAX_PARTS, PART_SIZE, UPLOAD_MEMORY};
 pub use settings::{

@@ -29,6 +29,7 @@ pub struct S3Source {
     key: String,
     len: u64,
     display: String,
+    etag: Option<String>,
 }
 
 impl S3Source {
@@ -40,7 +41,14 @@ impl S3Source {
             key: key.to_string(),
             len,
             display: display_name.to_string(),
+            etag: None,
         }
+    }
+
+    /// Reads only the version with entity tag `etag` (none: whatever is current).
+    pub fn pinned(mut self, etag: Option<&str>) -> Self {
+        self.etag = etag.map(str::to_string);
+        self
     }
 
     /// Bucket of the object.
@@ -58,7 +66,7 @@ impl S3Source {
         if buf.len() <= READ_CHUNK {
             return self
                 .store
-                .read_range_into(&self.bucket, &self.key, offset, buf)
+                .read_version_range_into(&self.bucket, &self.key, self.etag.as_deref(), offset, buf)
                 .await;
         }
         let pieces = buf
@@ -68,7 +76,13 @@ impl S3Source {
         stream::iter(pieces)
             .try_for_each_concurrent(READ_CONCURRENCY, |(start, piece)| async move {
                 self.store
-                    .read_range_into(&self.bucket, &self.key, start, piece)
+                    .read_version_range_into(
+                        &self.bucket,
+                        &self.key,
+                        self.etag.as_deref(),
+                        start,
+                        piece,
+                    )
                     .await
             })
             .await

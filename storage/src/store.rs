@@ -199,6 +199,21 @@ impl ObjectStore {
         start: u64,
         dst: &mut [u8],
     ) -> Result<(), StorageError> {
+        self.read_version_range_into(bucket, key, None, start, dst)
+            .await
+    }
+
+    /// [`ObjectStore::read_range_into`] of one version of the object: with `etag`, every
+    /// request carries `If-Match`, and an object replaced since is
+    /// [`StorageError::Changed`] instead of a mix of old and new bytes.
+    pub async fn read_version_range_into(
+        &self,
+        bucket: &str,
+        key: &str,
+        etag: Option<&str>,
+        start: u64,
+        dst: &mut [u8],
+    ) -> Result<(), StorageError> {
         if dst.is_empty() {
             return Ok(());
         }
@@ -215,7 +230,7 @@ impl ObjectStore {
         loop {
             let offset = start + filled as u64;
             let (got, result) = self
-                .fetch_range_once(bucket, key, offset, &mut dst[filled..])
+                .fetch_range_once(bucket, key, etag, offset, &mut dst[filled..])
                 .await;
             filled += got;
             match result {
@@ -238,6 +253,7 @@ impl ObjectStore {
         &self,
         bucket: &str,
         key: &str,
+        etag: Option<&str>,
         start: u64,
         dst: &mut [u8],
     ) -> (usize, Result<(), StorageError>) {
@@ -249,15 +265,39 @@ impl ObjectStore {
             .bucket(bucket)
             .key(key)
             .range(format!("bytes={start}-{}", end - 1))
+            .set_if_match(etag.map(|e| format!("\"{e}\"")))
             .send()
             .await
         {
             Ok(response) => response,
             Err(e) => {
                 let err = StorageError::from_sdk("GetObject", bucket, key, e);
+                let err = match (etag, &err) {
+                    (Some(expected), StorageError::Service { status: 412, .. }) => {
+                        StorageError::Changed {
+                            bucket: bucket.to_string(),
+                            key: key.to_string(),
+                            expected: expected.to_string(),
+                        }
+                    }
+                    _ => err,
+                };
                 return (0, Err(self.explain_range_error(err, start, end).await));
             }
         };
+        // Servers that ignore If-Match still say which version they sent.
+        if let (Some(expected), Some(got)) = (etag, response.e_tag().map(unquote)) {
+            if got != expected {
+                return (
+                    0,
+                    Err(StorageError::Changed {
+                        bucket: bucket.to_string(),
+                        key: key.to_string(),
+                        expected: expected.to_string(),
+                    }),
+                );
+            }
+        }
         // A server may answer with less than asked when the object is shorter than the
         // range; the total in Content-Range tells that apart from a broken body.
         let total = response.content_range().and_then(parse_content_range);
@@ -665,6 +705,19 @@ impl ObjectStore {
     /// messages. Only for blocking threads; see [`S3Source`].
     pub fn byte_source(&self, bucket: &str, key: &str, len: u64, display_name: &str) -> S3Source {
         S3Source::new(self.clone(), bucket, key, len, display_name)
+    }
+
+    /// [`ObjectStore::byte_source`] pinned to the version with entity tag `etag` (when
+    /// known): reads of a replaced object fail with [`StorageError::Changed`].
+    pub fn versioned_source(
+        &self,
+        bucket: &str,
+        key: &str,
+        etag: Option<&str>,
+        len: u64,
+        display_name: &str,
+    ) -> S3Source {
+        S3Source::new(self.clone(), bucket, key, len, display_name).pinned(etag)
     }
 
     /// A `std::io::Write` that uploads to `bucket`/`key`. Only for blocking threads; see

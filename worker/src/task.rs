@@ -77,6 +77,7 @@ struct Done {
     key: String,
     bytes: u64,
     sha256: String,
+    etag: Option<String>,
     output: TaskOutput,
     memory: TaskMemory,
 }
@@ -199,8 +200,13 @@ fn run_blocking(
         .map(|input| {
             let key = source.key(&input.file);
             let name = format!("s3://{}/{}", source.bucket, key);
-            Arc::new(store.byte_source(&source.bucket, &key, input.len, &name))
-                as Arc<dyn ByteSource>
+            Arc::new(store.versioned_source(
+                &source.bucket,
+                &key,
+                input.etag.as_deref(),
+                input.len,
+                &name,
+            )) as Arc<dyn ByteSource>
         })
         .collect();
     let key = destination.key(&spec.file_name);
@@ -226,6 +232,34 @@ fn run_blocking(
             }
         }
     };
+    // The entity tag the store gave the shard; the finalizer checks it is unchanged.
+    let etag = match store
+        .handle()
+        .block_on(store.head(&destination.bucket, &key))
+    {
+        Ok(Some(meta)) if meta.size == bytes => meta.etag,
+        Ok(Some(meta)) => {
+            return Outcome::Failed {
+                message: format!(
+                    "{object}: the store holds {} bytes right after an upload of {bytes}",
+                    meta.size
+                ),
+                retryable: true,
+            }
+        }
+        Ok(None) => {
+            return Outcome::Failed {
+                message: format!("{object}: missing right after its upload"),
+                retryable: true,
+            }
+        }
+        Err(e) => {
+            return Outcome::Failed {
+                message: format!("{object}: checking the upload: {e}"),
+                retryable: e.is_retryable(),
+            }
+        }
+    };
     let used = reservation.stats();
     let memory = TaskMemory {
         reserved_bytes: used.reserved,
@@ -247,6 +281,7 @@ fn run_blocking(
         key,
         bytes,
         sha256,
+        etag,
         output,
         memory,
     })
@@ -482,6 +517,7 @@ async fn complete(
         output_key: done.key.clone(),
         output_bytes: done.bytes,
         sha256: done.sha256.clone(),
+        output_etag: done.etag.clone().unwrap_or_default(),
         tensors_json,
         layer_json: done
             .output

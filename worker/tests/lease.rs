@@ -330,6 +330,16 @@ async fn leased_tasks_are_uploaded_and_reported_with_size_and_checksum() {
             .expect("output object");
         assert_eq!(object.len() as u64, done.output_bytes);
         assert_eq!(done.sha256, hex::encode(Sha256::digest(&object)));
+        let etag = store
+            .head("output", &done.output_key)
+            .await
+            .expect("head")
+            .and_then(|m| m.etag)
+            .expect("etag");
+        assert_eq!(
+            done.output_etag, etag,
+            "the reported entity tag is the object's"
+        );
         let (expected, report) = local_output(dir.path(), spec);
         assert!(
             object == expected,
@@ -430,6 +440,65 @@ async fn bad_specs_and_missing_inputs_fail_the_task_for_good() {
     );
     assert!(read.error.contains("model.layers.0."), "{}", read.error);
     assert!(read.error.contains("bytes "), "{}", read.error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_replaced_after_planning_fails_the_task_instead_of_mixing_versions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tiny_llama(dir.path(), 1);
+    let mut tasks = plan(dir.path(), "w8a16");
+    let s3 = s3_with(dir.path()).await;
+    let store = s3.store().await;
+    // Pin the task to the version planned, as the coordinator does.
+    let file = tasks[1].inputs[0].file.clone();
+    let key = format!("model/{file}");
+    let planned = store
+        .head("input", &key)
+        .await
+        .expect("head")
+        .expect("object")
+        .etag
+        .expect("s3s-fs gives entity tags");
+    tasks[1].inputs[0].etag = Some(planned.clone());
+    // Then the object is replaced by one of the same size with other bytes.
+    let mut bytes = std::fs::read(dir.path().join(&file)).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    store
+        .put("input", &key, bytes.into())
+        .await
+        .expect("replace input");
+    let fake = FakeCoordinator::default();
+    fake.calls().pending.push_back(lease(1, &tasks[1]));
+    let (listener, addr) = bound().await;
+    let _server = serve(fake.clone(), listener);
+    let worker = Worker::start(config(&s3, addr, 1));
+    fake.wait_for("the failure", Duration::from_secs(60), |c| {
+        c.failed.len() == 1
+    })
+    .await;
+    worker.stop(Duration::from_secs(10)).await;
+    let calls = std::mem::take(&mut *fake.calls());
+    assert!(calls.completed.is_empty(), "{}", summary(&calls));
+    let f = &calls.failed[0];
+    assert!(!f.retryable, "a replaced input stays replaced: {}", f.error);
+    assert!(
+        f.error.contains("changed after the job was planned"),
+        "{}",
+        f.error
+    );
+    assert!(
+        f.error.contains(&format!("s3://input/{key}")),
+        "{}",
+        f.error
+    );
+    assert!(f.error.contains(&planned), "{}", f.error);
+    // Nothing was written for the task.
+    assert!(store
+        .head("output", &format!("model-w8/{}", tasks[1].file_name))
+        .await
+        .expect("head")
+        .is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
