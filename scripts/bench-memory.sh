@@ -4,6 +4,7 @@
 # and without --memory-limit. Prints peak RSS / (limit + 64 MiB) per run; it must stay <= 1.0.
 #
 #   scripts/bench-memory.sh [--limit 256MiB] [--presets "w8a16 w4a16 ..."] [--no-worker]
+#                           [--coordinator-only]
 #
 # The checkpoint (about 1.7 GB) is generated once into ${SHARDPRESS_CACHE:-~/.cache/shardpress}/bench.
 # The worker part runs PostgreSQL (the machine's, started if down), s3s-fs and a coordinator
@@ -15,13 +16,15 @@ limit=256MiB
 presets="bf16 w8a16 w4a16 fp8 sparse50 bench/recipes/all-int4.toml bench/recipes/all-sparse50.toml"
 worker_presets="w4a16 bench/recipes/all-int4.toml"
 run_worker=1
+run_compress=1
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --limit) limit="$2"; shift ;;
         --presets) presets="$2"; shift ;;
         --worker-presets) worker_presets="$2"; shift ;;
         --no-worker) run_worker=0 ;;
-        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+        --coordinator-only) run_compress=0 ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -37,7 +40,7 @@ echo "==> build (release)" >&2
 cargo build --release --locked -p shardpress-cli -p shardpress-testkit --bins >&2
 bin="$PWD/target/release/shardpress"
 
-if [[ ! -f "$model/.complete" ]]; then
+if [[ "$run_compress" == 1 && ! -f "$model/.complete" ]]; then
     echo "==> generating $model" >&2
     rm -rf "$model"
     target/release/synth-llama "$model" vocab=131072 hidden=4096 intermediate=11008 layers=2 >&2
@@ -52,6 +55,7 @@ units = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb"
          "ki": 1024, "kib": 1024, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30}
 print(int(float(m.group(1)) * units[m.group(2).lower()]))' "$limit")"
 allowed=$((limit_bytes + 64 * 1024 * 1024))
+if [[ "$run_compress" == 1 ]]; then
 largest="$(python3 -c '
 import json, struct, sys
 with open(sys.argv[1], "rb") as f:
@@ -86,8 +90,9 @@ for p in $presets; do
         "$(ratio "$rss")" "$((free_rss / 1024))"
 done
 rm -rf "$work/out" "$work/out-free"
+fi
 
-if [[ "$run_worker" == 0 ]]; then
+if [[ "$run_worker" == 0 && "$run_compress" == 1 ]]; then
     exit 0
 fi
 
@@ -118,9 +123,11 @@ pids+=($!)
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$s3_port") 2>/dev/null && break; sleep 0.1; done
 # Uploaded through the S3 API so the server records each object's checksum once (it would
 # hash the whole file on every ranged read of a file placed in its directory by hand).
+if [[ "$run_compress" == 1 ]]; then
 echo "==> upload the checkpoint to s3://bench-in/llama/" >&2
 aws --endpoint-url "$endpoint" s3 cp --recursive --only-show-errors \
     --exclude .complete "$model" s3://bench-in/llama/
+fi
 "$bin" coordinator --listen "127.0.0.1:$grpc_port" \
     --database-url "postgres://postgres@127.0.0.1:5432/shardpress_bench" \
     --s3-endpoint "$endpoint" --s3-path-style > "$state/logs/coordinator.log" 2>&1 &
@@ -148,6 +155,7 @@ worker_job() {
     echo "$hwm"
 }
 
+if [[ "$run_compress" == 1 ]]; then
 printf '%-10s %-13s %12s %8s %20s %12s\n' "worker" "recipe" "peak RSS" "" "peak/(limit+64MiB)" "no-limit"
 i=0
 for p in $worker_presets; do
@@ -163,6 +171,7 @@ for p in $worker_presets; do
         "$(ratio "$rss")" "$((free_rss / 1024))"
     rm -rf "$state/s3/bench-out/limit-$i" "$state/s3/bench-out/free-$i"
 done
+fi
 
 # Coordinator planning: only headers are read, so its memory follows the number of tensors,
 # not the bytes. Plans checkpoints of 400 and 4000 small shards (one layer each) and prints
