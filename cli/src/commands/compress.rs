@@ -1,11 +1,12 @@
 //! `shardpress compress`: run a recipe over a local checkpoint, on this machine.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use shardpress_engine::pipeline::Progress;
+use shardpress_engine::pipeline::{CompressError, Progress};
 use shardpress_engine::report::TensorReport;
 use shardpress_engine::{compress_local, LocalOptions, PoolStats, Recipe, Report};
 
@@ -118,9 +119,31 @@ enum OutputFormat {
 
 struct Bar(ProgressBar);
 
+/// Set by the first Ctrl-C or SIGTERM: the run stops at the next tensor and removes its
+/// staging directory.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
 impl Progress for Bar {
     fn advance(&self, bytes: u64) {
         self.0.inc(bytes);
+    }
+
+    fn cancelled(&self) -> bool {
+        INTERRUPTED.load(Ordering::Relaxed)
+    }
+}
+
+/// First signal: stop cleanly; second: exit at once.
+fn handle_interrupts() {
+    let installed = ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, Ordering::Relaxed) {
+            eprintln!("second interrupt: exiting now; a hidden .partial directory may remain");
+            std::process::exit(130);
+        }
+        eprintln!("interrupted: stopping and removing the partial output (again to exit at once)");
+    });
+    if let Err(e) = installed {
+        tracing::warn!("cannot handle Ctrl-C: {e}");
     }
 }
 
@@ -152,7 +175,15 @@ pub fn run(args: Args) -> Result<()> {
         threads: args.threads,
         memory_limit: args.memory_limit,
     };
-    let run = compress_local(&args.input, &recipe, &args.out, &opts, &progress)?;
+    handle_interrupts();
+    let run = match compress_local(&args.input, &recipe, &args.out, &opts, &progress) {
+        Err(CompressError::Cancelled) => {
+            progress.0.finish_and_clear();
+            eprintln!("interrupted: {} was not changed", args.out.display());
+            std::process::exit(130);
+        }
+        other => other?,
+    };
     let report = &run.report;
     progress.0.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
