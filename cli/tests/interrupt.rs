@@ -44,7 +44,12 @@ fn an_interrupted_compress_leaves_nothing_behind() {
     std::fs::create_dir_all(&out).expect("mkdir");
     std::fs::write(out.join("keep.txt"), "earlier output").expect("write");
     let mut child = Command::new(BIN)
-        .args(["compress", &model.to_string_lossy(), "--recipe", "w8a16-mse"])
+        .args([
+            "compress",
+            &model.to_string_lossy(),
+            "--recipe",
+            "w8a16-mse",
+        ])
         .args(["--out", &out.to_string_lossy(), "--overwrite", "--quiet"])
         .args(["--threads", "1"])
         .stdout(Stdio::null())
@@ -71,7 +76,11 @@ fn an_interrupted_compress_leaves_nothing_behind() {
     assert_eq!(output.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("interrupted"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(partials(&work).is_empty(), "staging left: {:?}", partials(&work));
+    assert!(
+        partials(&work).is_empty(),
+        "staging left: {:?}",
+        partials(&work)
+    );
     let left: Vec<String> = std::fs::read_dir(&out)
         .expect("out")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())

@@ -401,6 +401,7 @@ async fn run_lease(
             tensors_json: serde_json::to_string(&done.output.tensors).expect("tensors json"),
             layer_json: String::new(),
             memory: Some(done.memory),
+            output_etag: String::new(),
         })
         .await;
     grant.live_until = sent.min(renewed + lease_length());
@@ -553,6 +554,7 @@ async fn expect_fenced(
             tensors_json: "[]".into(),
             layer_json: String::new(),
             memory: None,
+            output_etag: String::new(),
         })
         .await
         .expect_err("a superseded lease must not complete");
@@ -605,12 +607,11 @@ async fn five_thousand_tasks_sixteen_lease_loops_no_double_lease_none_lost() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(
         listener,
-        CoordinatorConfig {
-            listen: addr,
-            database_url: url.clone(),
-            s3: s3.settings(),
-            lease_seconds: LEASE_SECONDS,
-            max_attempts: MAX_ATTEMPTS,
+        {
+            let mut c = CoordinatorConfig::new(addr, url.clone(), s3.settings());
+            c.lease_seconds = LEASE_SECONDS;
+            c.max_attempts = MAX_ATTEMPTS;
+            c
         },
         async move {
             let _ = stopped.await;
