@@ -36,12 +36,29 @@ impl From<ApiError> for Status {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        match &e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                ApiError::Unavailable(format!("database unavailable: {e}"))
-            }
-            _ => ApiError::Internal(format!("database error: {e}")),
+        if database_unavailable(&e) {
+            ApiError::Unavailable(format!("database unavailable: {e}"))
+        } else {
+            ApiError::Internal(format!("database error: {e}"))
         }
+    }
+}
+
+/// Whether `e` means the database is down or going away (connection lost, server shutting
+/// down or starting up) rather than a failed statement: callers may retry these.
+pub fn database_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::Io(_)
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
+        // SQLSTATE class 08 (connection exception) and 57P01..57P03 (admin or crash
+        // shutdown, cannot connect now).
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+        _ => false,
     }
 }
 
