@@ -76,3 +76,30 @@ pub fn parse_id(field: &str, value: &str) -> Result<uuid::Uuid, ApiError> {
     uuid::Uuid::parse_str(value)
         .map_err(|_| ApiError::Invalid(format!("{field} {value:?} is not a UUID")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_database_is_unavailable_and_a_bad_statement_is_internal() {
+        let lost = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        for e in [
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::PoolClosed,
+            sqlx::Error::Io(lost),
+        ] {
+            assert!(database_unavailable(&e), "{e}");
+            assert_eq!(
+                Status::from(ApiError::from(e)).code(),
+                tonic::Code::Unavailable
+            );
+        }
+        let e = sqlx::Error::RowNotFound;
+        assert!(!database_unavailable(&e));
+        assert_eq!(
+            Status::from(ApiError::from(e)).code(),
+            tonic::Code::Internal
+        );
+    }
+}
