@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the Python virtual environment used by the verifier
 # tests/python/verify_output.py: numpy and safetensors from PyPI, pinned in
-# tests/python/requirements.txt.
+# tests/python/requirements.txt; plus the packages of tests/python/test_deploy.py.
 #
 # Environment:
 #   SHARDPRESS_CACHE  cache root (default: $HOME/.cache/shardpress)
@@ -16,15 +16,20 @@ PYTHON="${PYTHON:-python3}"
 cache="${SHARDPRESS_CACHE:-${HOME:-/tmp}/.cache/shardpress}"
 venv="$cache/venv"
 py="$venv/bin/python"
+# tests/python/test_deploy.py: PyYAML, and kubernetes-validate, which bundles the Kubernetes
+# JSON schemas so the manifests are validated offline.
+deploy_packages=(PyYAML==6.0.3 kubernetes-validate==1.37.0)
 # Written after a successful install; holds the requirements it was made from.
 stamp="$venv/.shardpress-requirements"
+
+wanted() { cat "$requirements"; printf '%s\n' "${deploy_packages[@]}"; }
 
 log() { printf 'python-env: %s\n' "$*" >&2; }
 
 usable() {
     [[ -x "$py" ]] &&
-        "$py" -c 'import numpy, safetensors.numpy' >/dev/null 2>&1 &&
-        [[ -f "$stamp" ]] && cmp -s "$stamp" "$requirements"
+        "$py" -c 'import numpy, safetensors.numpy, yaml, kubernetes_validate' >/dev/null 2>&1 &&
+        [[ -f "$stamp" ]] && cmp -s "$stamp" <(wanted)
 }
 
 if usable; then
@@ -82,9 +87,9 @@ if ! try_venv; then
     fi
 fi
 
-log "installing $(grep -v '^#' "$requirements" | tr '\n' ' ')"
+log "installing $(grep -v '^#' "$requirements" | tr '\n' ' ')${deploy_packages[*]}"
 "$py" -m pip install --quiet --disable-pip-version-check --only-binary=:all: \
-    -r "$requirements" >&2
-"$py" -c 'import numpy, safetensors.numpy' >&2
-cp "$requirements" "$stamp"
+    -r "$requirements" "${deploy_packages[@]}" >&2
+"$py" -c 'import numpy, safetensors.numpy, yaml, kubernetes_validate' >&2
+wanted > "$stamp"
 printf '%s\n' "$py"

@@ -376,7 +376,8 @@ impl Store {
             "UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => $5), bytes_done = $4
              FROM jobs j
              WHERE t.job_id = $1 AND t.seq = $2 AND t.lease_token = $3 AND t.state = 'leased'
-               AND j.id = t.job_id AND j.state IN ('queued', 'running')",
+               AND j.id = t.job_id AND j.state IN ('queued', 'running')
+             RETURNING extract(epoch FROM now() - t.started_at)::float8",
         )
         .bind(job)
         .bind(seq)
@@ -412,7 +413,7 @@ impl Store {
     }
 
     /// Records a finished task, fenced by its lease. Returns whether every task of the job is
-    /// now done.
+    /// now done, and the seconds since the task was first leased.
     pub async fn complete(
         &self,
         (job, seq, token): (Uuid, i32, Uuid),
@@ -421,9 +422,9 @@ impl Store {
         (sha256, etag): (&str, Option<&str>),
         output: &TaskOutput,
         memory: Option<&ReservationStats>,
-    ) -> anyhow::Result<(Fenced, bool)> {
+    ) -> anyhow::Result<(Fenced, bool, Option<f64>)> {
         let mut tx = self.pool.begin().await?;
-        let n = sqlx::query(
+        let updated: Option<Option<f64>> = sqlx::query_scalar(
             "UPDATE tasks t SET state = 'succeeded', output_key = $4, output_bytes = $5,
                     output_sha256 = $6, result = $7, finished_at = now(), lease_token = NULL,
                     lease_expires_at = NULL, error = NULL, bytes_done = t.bytes_in,
@@ -441,13 +442,16 @@ impl Store {
         .bind(serde_json::to_value(output)?)
         .bind(memory.map(serde_json::to_value).transpose()?)
         .bind(etag)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n != 1 {
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(seconds) = updated else {
             tx.rollback().await?;
-            return Ok((Fenced::Stale(self.why_stale(job, seq, token).await?), false));
-        }
+            return Ok((
+                Fenced::Stale(self.why_stale(job, seq, token).await?),
+                false,
+                None,
+            ));
+        };
         sqlx::query("DELETE FROM tensor_results WHERE job_id = $1 AND task_seq = $2")
             .bind(job)
             .bind(seq)
@@ -482,7 +486,7 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok((Fenced::Done, left == 0))
+        Ok((Fenced::Done, left == 0, seconds))
     }
 
     /// Records a failed attempt, fenced by its lease: retryable failures requeue the task until
@@ -534,6 +538,20 @@ impl Store {
         }
         tx.commit().await?;
         Ok(Fenced::Done)
+    }
+
+    /// Jobs by state, and the tasks of unfinished jobs by state, for the metrics gauges.
+    pub async fn state_counts(&self) -> sqlx::Result<(Vec<(String, i64)>, Vec<(String, i64)>)> {
+        let jobs = sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        let tasks = sqlx::query_as(
+            "SELECT t.state, count(*) FROM tasks t JOIN jobs j ON j.id = t.job_id
+             WHERE j.state IN ('queued', 'running', 'finalizing') GROUP BY t.state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok((jobs, tasks))
     }
 
     /// Requeues tasks whose leases expired (or fails them after their last attempt, failing

@@ -6,6 +6,7 @@ pub mod db;
 mod error;
 mod finalizer;
 mod job_service;
+pub mod metrics;
 mod planner;
 mod worker_service;
 
@@ -51,6 +52,8 @@ pub struct CoordinatorConfig {
     pub worker_token: Option<Token>,
     /// TLS identity to serve with (none: plain HTTP/2).
     pub tls: Option<ServerTlsConfig>,
+    /// Address of the Prometheus endpoint (`GET /metrics`; none: not served).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl CoordinatorConfig {
@@ -65,6 +68,7 @@ impl CoordinatorConfig {
             client_token: None,
             worker_token: None,
             tls: None,
+            metrics_listen: None,
         }
     }
 }
@@ -80,6 +84,8 @@ pub struct Ctx {
     pub lease_seconds: u32,
     /// Attempts per task.
     pub max_attempts: u32,
+    /// Prometheus metrics.
+    pub metrics: metrics::Metrics,
 }
 
 /// Binds `config.listen` and serves until `shutdown` resolves.
@@ -116,12 +122,27 @@ pub async fn serve(
             "the client and worker tokens must differ: a client could otherwise act as a worker"
         );
     }
+    let (metrics, registry) = metrics::Metrics::new();
     let ctx = Arc::new(Ctx {
         store: db::Store::new(pool),
         objects,
         lease_seconds: config.lease_seconds,
         max_attempts: config.max_attempts,
+        metrics,
     });
+    let metrics_server = match config.metrics_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "metrics at /metrics");
+            Some(tokio::spawn(shardpress_proto::metrics::serve(
+                listener,
+                Arc::new(registry),
+            )))
+        }
+        None => None,
+    };
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -172,6 +193,9 @@ pub async fn serve(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     sweeper.abort();
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     result.context("serving gRPC")
 }
 
@@ -186,7 +210,10 @@ async fn sweep(ctx: Arc<Ctx>, every: Duration) {
         tokio::time::sleep(every).await;
         match ctx.store.expire_leases().await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(expired = n, "requeued expired leases"),
+            Ok(n) => {
+                ctx.metrics.lease_expiries.inc_by(n as u64);
+                tracing::info!(expired = n, "requeued expired leases");
+            }
             Err(e) => tracing::warn!(error = %e, "expiring leases"),
         }
         match ctx.store.finalizable().await {
@@ -196,6 +223,10 @@ async fn sweep(ctx: Arc<Ctx>, every: Duration) {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "listing finalizable jobs"),
+        }
+        match ctx.store.state_counts().await {
+            Ok((jobs, tasks)) => ctx.metrics.set_states(&jobs, &tasks),
+            Err(e) => tracing::debug!(error = %e, "counting jobs and tasks for metrics"),
         }
     }
 }

@@ -59,9 +59,14 @@ impl WorkerService for Workers {
             .lease(&req.worker_id, i64::from(max), f64::from(secs))
             .await
             .map_err(ApiError::from)?;
+        let metrics = &self.ctx.metrics;
         let leases = leased
             .into_iter()
             .map(|(l, uris)| {
+                metrics.tasks_leased.inc();
+                if l.attempts > 1 {
+                    metrics.tasks_retried.inc();
+                }
                 tracing::info!(job_id = %l.job_id, task = l.seq, attempt = l.attempts, worker = %req.worker_id, "task leased");
                 TaskLease {
                     job_id: l.job_id.to_string(),
@@ -136,7 +141,7 @@ impl WorkerService for Workers {
         };
         let bytes = i64::try_from(req.output_bytes)
             .map_err(|_| ApiError::Invalid("output_bytes out of range".into()))?;
-        let (fenced, all_done) = self
+        let (fenced, all_done, seconds) = self
             .ctx
             .store
             .complete(
@@ -161,9 +166,19 @@ impl WorkerService for Workers {
             )
             .await
             .map_err(ApiError::from)?;
+        let metrics = &self.ctx.metrics;
         if let Fenced::Stale(why) = fenced {
+            metrics.reports_refused.inc();
             tracing::warn!(job_id = %job, task = seq, %why, "completion refused");
             return Err(stale(why));
+        }
+        metrics.tasks_completed.inc();
+        metrics.bytes_written.inc_by(req.output_bytes);
+        metrics
+            .bytes_read
+            .inc_by(output.tensors.iter().map(|t| t.bytes_in).sum());
+        if let Some(seconds) = seconds {
+            metrics.task_seconds.observe(seconds);
         }
         tracing::info!(job_id = %job, task = seq, bytes, "task completed");
         if all_done {
@@ -196,8 +211,10 @@ impl WorkerService for Workers {
             .await
             .map_err(ApiError::from)?;
         if let Fenced::Stale(why) = r {
+            self.ctx.metrics.reports_refused.inc();
             return Err(stale(why));
         }
+        self.ctx.metrics.tasks_failed.inc();
         tracing::warn!(job_id = %job, task = seq, retryable = req.retryable, %error, "task failed");
         Ok(Response::new(FailTaskResponse {}))
     }

@@ -2,6 +2,7 @@
 //! from `proto/shardpress.proto`.
 
 pub mod auth;
+pub mod metrics;
 
 /// Version 1 of the API.
 #[allow(missing_docs, clippy::all, missing_debug_implementations)]

@@ -13,6 +13,7 @@
 //! (their leases expire and the coordinator hands them out again).
 
 mod backoff;
+pub mod metrics;
 mod runner;
 mod task;
 
@@ -50,6 +51,8 @@ pub struct WorkerConfig {
     pub token: Option<Token>,
     /// TLS trust for an `https://` coordinator.
     pub tls: ClientTls,
+    /// Address of the Prometheus endpoint (`GET /metrics`; none: not served).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl WorkerConfig {
@@ -66,6 +69,7 @@ impl WorkerConfig {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             token: None,
             tls: ClientTls::default(),
+            metrics_listen: None,
         }
     }
 }

@@ -1,12 +1,15 @@
 //! The lease loop: keep a connection to the coordinator, lease as many tasks as there are free
 //! slots, run each in its own tokio task, and drain them on shutdown.
 
+use anyhow::Context as _;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use shardpress_engine::MemoryPool;
+
+use crate::metrics::Metrics;
 use shardpress_proto::auth::{endpoint, AuthChannel, Bearer};
 use shardpress_proto::v1::worker_service_client::WorkerServiceClient;
 use shardpress_proto::v1::LeaseTasksRequest;
@@ -50,11 +53,35 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> an
         memory_limit = ?config.memory_limit,
         "worker starting"
     );
+    let (metrics, registry) = Metrics::new();
     let shared = Arc::new(Shared {
         store,
         abandon: Arc::new(AtomicBool::new(false)),
         memory: MemoryPool::new(config.memory_limit),
+        metrics,
     });
+    let metrics_server = match config.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+            info!(addr = %listener.local_addr()?, "metrics at /metrics");
+            let sampled = shared.clone();
+            let sampler = tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    ticks.tick().await;
+                    sampled.metrics.sample_pool(&sampled.memory);
+                }
+            });
+            let server = tokio::spawn(shardpress_proto::metrics::serve(
+                listener,
+                Arc::new(registry),
+            ));
+            Some((server, sampler))
+        }
+        None => None,
+    };
     let mut leaser = Leaser {
         endpoint,
         client: None,
@@ -73,6 +100,10 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> an
         }
     }
     drain(&mut tasks, leaser.config.shutdown_grace, &shared.abandon).await;
+    if let Some((server, sampler)) = metrics_server {
+        server.abort();
+        sampler.abort();
+    }
     info!("worker stopped");
     Ok(())
 }

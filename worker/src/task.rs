@@ -23,7 +23,9 @@ use tonic::Code;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::backoff::Backoff;
+use crate::metrics::Metrics;
 use crate::runner::error_chain;
+use prometheus_client::metrics::histogram::Histogram;
 
 /// What every task of a worker shares.
 #[derive(Debug)]
@@ -33,6 +35,17 @@ pub(crate) struct Shared {
     pub(crate) abandon: Arc<AtomicBool>,
     /// The byte budget every task's buffers come from.
     pub(crate) memory: MemoryPool,
+    /// The worker's Prometheus metrics.
+    pub(crate) metrics: Metrics,
+}
+
+/// Lowers the running-tasks gauge when a task ends, however it ends.
+struct Running<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Memory of a task's upload besides its tensors: the part being filled and those in flight.
@@ -58,14 +71,32 @@ pub(crate) async fn run_lease(
     async move {
         let _permit = permit;
         let started = Instant::now();
-        match execute(&shared, &client, &lease).await {
-            Outcome::Done(done) => complete(&client, &lease, done, started).await,
+        let metrics = &shared.metrics;
+        metrics.running.inc();
+        let _running = Running(&metrics.running);
+        let outcome = match execute(&shared, &client, &lease).await {
+            Outcome::Done(done) => {
+                let read: u64 = done.output.tensors.iter().map(|t| t.bytes_in).sum();
+                let written = done.bytes;
+                if complete(&client, &lease, done, started).await {
+                    metrics.bytes_read.inc_by(read);
+                    metrics.bytes_written.inc_by(written);
+                    "completed"
+                } else {
+                    "dropped"
+                }
+            }
             Outcome::Failed { message, retryable } => {
                 warn!(retryable, "task failed: {message}");
                 fail(&client, &lease, message, retryable).await;
+                "failed"
             }
-            Outcome::Dropped(why) => info!("task dropped without reporting: {why}"),
-        }
+            Outcome::Dropped(why) => {
+                info!("task dropped without reporting: {why}");
+                "dropped"
+            }
+        };
+        metrics.ended(outcome, started.elapsed().as_secs_f64());
     }
     .instrument(span)
     .await
@@ -121,7 +152,9 @@ async fn execute(
             return Outcome::fatal(format!("destination URI {:?}: {e}", lease.destination_uri))
         }
     };
-    let progress = Arc::new(TaskProgress::new(shared.abandon.clone()));
+    let progress = Arc::new(
+        TaskProgress::new(shared.abandon.clone()).timing(shared.metrics.tensor_seconds.clone()),
+    );
     // Stops the heartbeat however this function is left: return, cancellation or panic.
     let _heartbeat = AbortOnDrop(tokio::spawn(heartbeat_loop(
         client.clone(),
@@ -340,6 +373,8 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 #[derive(Debug)]
 struct TaskProgress {
     done: AtomicU64,
+    /// Where tensor durations go, and when the last tensor ended.
+    timing: Option<(Histogram, std::sync::Mutex<Instant>)>,
     /// Set when the coordinator withdrew the lease.
     revoked: AtomicBool,
     /// The worker-wide flag set when the shutdown grace period is over.
@@ -350,9 +385,16 @@ impl TaskProgress {
     fn new(abandon: Arc<AtomicBool>) -> Self {
         Self {
             done: AtomicU64::new(0),
+            timing: None,
             revoked: AtomicBool::new(false),
             abandon,
         }
+    }
+
+    /// Records each tensor's duration (from the previous tensor's end) in `histogram`.
+    fn timing(mut self, histogram: Histogram) -> Self {
+        self.timing = Some((histogram, std::sync::Mutex::new(Instant::now())));
+        self
     }
 
     fn bytes_done(&self) -> u64 {
@@ -375,6 +417,14 @@ impl TaskProgress {
 impl Progress for TaskProgress {
     fn advance(&self, bytes: u64) {
         self.done.fetch_add(bytes, Ordering::Relaxed);
+        if let Some((histogram, last)) = &self.timing {
+            let now = Instant::now();
+            let mut last = last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            histogram.observe(now.duration_since(*last).as_secs_f64());
+            *last = now;
+        }
     }
 
     fn cancelled(&self) -> bool {
@@ -491,12 +541,13 @@ where
     }
 }
 
+/// Reports a finished task; returns whether the coordinator accepted it.
 async fn complete(
     client: &WorkerServiceClient<AuthChannel>,
     lease: &TaskLease,
     done: Done,
     started: Instant,
-) {
+) -> bool {
     let tensors_json = match serde_json::to_string(&done.output.tensors) {
         Ok(j) => j,
         Err(e) => {
@@ -507,7 +558,7 @@ async fn complete(
                 false,
             )
             .await;
-            return;
+            return false;
         }
     };
     let request = CompleteTaskRequest {
@@ -534,28 +585,37 @@ async fn complete(
     })
     .await;
     match result {
-        Ok(_) => info!(
-            key = %done.key,
-            bytes = done.bytes,
-            seconds = started.elapsed().as_secs_f64(),
-            memory_reserved = done.memory.reserved_bytes,
-            memory_peak = done.memory.peak_bytes,
-            memory_wait_ms = done.memory.wait_ms,
-            buffers = done.memory.buffers,
-            buffers_reused = done.memory.reused,
-            "task completed"
-        ),
-        Err(status) if status.code() == Code::FailedPrecondition => warn!(
-            key = %done.key,
-            "coordinator refused the result, the lease is stale: {}",
-            status.message()
-        ),
-        Err(status) => error!(
-            code = ?status.code(),
-            key = %done.key,
-            "could not report the finished task (its lease will expire and it will run again): {}",
-            status.message()
-        ),
+        Ok(_) => {
+            info!(
+                key = %done.key,
+                bytes = done.bytes,
+                seconds = started.elapsed().as_secs_f64(),
+                memory_reserved = done.memory.reserved_bytes,
+                memory_peak = done.memory.peak_bytes,
+                memory_wait_ms = done.memory.wait_ms,
+                buffers = done.memory.buffers,
+                buffers_reused = done.memory.reused,
+                "task completed"
+            );
+            true
+        }
+        Err(status) if status.code() == Code::FailedPrecondition => {
+            warn!(
+                key = %done.key,
+                "coordinator refused the result, the lease is stale: {}",
+                status.message()
+            );
+            false
+        }
+        Err(status) => {
+            error!(
+                code = ?status.code(),
+                key = %done.key,
+                "could not report the finished task (its lease will expire and it will run again): {}",
+                status.message()
+            );
+            false
+        }
     }
 }
 

@@ -61,6 +61,11 @@ pub struct Args {
     #[arg(long, env = "SHARDPRESS_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
 
+    /// Address to serve Prometheus metrics on, at /metrics (default: not served), e.g.
+    /// 0.0.0.0:9090.
+    #[arg(long, env = "SHARDPRESS_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+
     #[command(flatten)]
     s3: S3Args,
 }
@@ -92,6 +97,7 @@ pub fn run(args: Args) -> Result<()> {
     config.client_token = client_token;
     config.worker_token = worker_token;
     config.tls = tls;
+    config.metrics_listen = args.metrics_listen;
     runtime()?.block_on(async {
         let shutdown = shutdown_signal("coordinator");
         shardpress_coordinator::run(config, shutdown).await

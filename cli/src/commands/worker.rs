@@ -57,6 +57,11 @@ pub struct Args {
     #[arg(long, env = "SHARDPRESS_TLS_CA")]
     tls_ca: Option<PathBuf>,
 
+    /// Address to serve Prometheus metrics on, at /metrics (default: not served), e.g.
+    /// 0.0.0.0:9091.
+    #[arg(long, env = "SHARDPRESS_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
+
     #[command(flatten)]
     s3: S3Args,
 }
@@ -89,6 +94,7 @@ fn config(args: Args) -> Result<WorkerConfig> {
         "the worker token",
     )?;
     config.tls = ClientTls { ca: args.tls_ca };
+    config.metrics_listen = args.metrics_listen;
     Ok(config)
 }
 
