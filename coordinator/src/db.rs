@@ -376,8 +376,7 @@ impl Store {
             "UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => $5), bytes_done = $4
              FROM jobs j
              WHERE t.job_id = $1 AND t.seq = $2 AND t.lease_token = $3 AND t.state = 'leased'
-               AND j.id = t.job_id AND j.state IN ('queued', 'running')
-             RETURNING extract(epoch FROM now() - t.started_at)::float8",
+               AND j.id = t.job_id AND j.state IN ('queued', 'running')",
         )
         .bind(job)
         .bind(seq)
@@ -431,7 +430,8 @@ impl Store {
                     memory = $8, output_etag = $9
              FROM jobs j
              WHERE t.job_id = $1 AND t.seq = $2 AND t.lease_token = $3 AND t.state = 'leased'
-               AND j.id = t.job_id AND j.state IN ('queued', 'running')",
+               AND j.id = t.job_id AND j.state IN ('queued', 'running')
+             RETURNING extract(epoch FROM now() - t.started_at)::float8",
         )
         .bind(job)
         .bind(seq)

@@ -383,6 +383,7 @@ pub fn run_task<W: Write>(
         if progress.cancelled() {
             return Err(CompressError::Cancelled);
         }
+        let _span = tracing::debug_span!("tensor", tensor = %t.info.name).entered();
         let info = t.out_info();
         let kept: &[u64] = match t.slice.map(|s| s.unit) {
             Some(Unit::Mlp) => &units.mlp,

@@ -242,7 +242,7 @@ def cli_from_binary(binary: str) -> Cli:
     for sub in subs:
         text = help_of(sub)
         flags = set(re.findall(r"^\s+(?:-\w, )?(--[a-z0-9][a-z0-9-]*)", text, re.M))
-        envs = set(re.findall(r"\[env: (\w+)", text))
+        envs = set(re.findall(r"\[env:\s+(\w+)", text))
         commands[sub] = (flags, envs)
     return Cli(commands, binary)
 

@@ -170,7 +170,10 @@ async fn execute(
     let store = shared.store.clone();
     let memory = shared.memory.clone();
     let blocking_progress = progress.clone();
+    // The engine's per-tensor spans nest under this task's span on the blocking thread.
+    let span = tracing::Span::current();
     let joined = tokio::task::spawn_blocking(move || {
+        let _entered = span.enter();
         run_blocking(
             &store,
             &memory,

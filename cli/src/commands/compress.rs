@@ -84,7 +84,7 @@ pub struct Args {
     recipe: String,
 
     /// Output directory; must not exist (or be empty) unless --overwrite.
-    #[arg(long, short)]
+    #[arg(long, short, env = "SHARDPRESS_OUT")]
     out: PathBuf,
 
     /// Worker threads (default: all cores). Output bytes do not depend on it.
@@ -99,15 +99,26 @@ pub struct Args {
     memory_limit: Option<u64>,
 
     /// Replace an existing output directory (only after the new one is complete).
-    #[arg(long)]
+    #[arg(
+        long,
+        env = "SHARDPRESS_OVERWRITE",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     overwrite: bool,
 
     /// No progress bar or summary table.
-    #[arg(long, short)]
+    #[arg(
+        long,
+        short,
+        env = "SHARDPRESS_QUIET",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     quiet: bool,
 
     /// Summary format on stdout.
-    #[arg(long, value_enum, default_value = "text")]
+    #[arg(long, env = "SHARDPRESS_OUTPUT", value_enum, default_value = "text")]
     output: OutputFormat,
 }
 

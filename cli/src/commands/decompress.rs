@@ -20,15 +20,20 @@ pub struct Args {
     input: PathBuf,
 
     /// Output directory; must not exist (or be empty) unless --overwrite.
-    #[arg(long, short)]
+    #[arg(long, short, env = "SHARDPRESS_OUT")]
     out: PathBuf,
 
     /// dtype of every float tensor (default: config.json's torch_dtype if bf16/f16/f32, else f32).
-    #[arg(long, value_enum)]
+    #[arg(long, env = "SHARDPRESS_DTYPE", value_enum)]
     dtype: Option<Dtype>,
 
     /// Replace an existing output directory (only after the new one is complete).
-    #[arg(long)]
+    #[arg(
+        long,
+        env = "SHARDPRESS_OVERWRITE",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     overwrite: bool,
 }
 

@@ -54,6 +54,8 @@ pub(crate) struct Cluster {
     pub(crate) s3: S3Server,
     pub(crate) db_url: String,
     pub(crate) port: u16,
+    /// Port of the coordinator's Prometheus endpoint.
+    pub(crate) metrics_port: u16,
     pub(crate) coordinator: Option<Proc>,
     pub(crate) workers: Vec<Proc>,
 }
@@ -71,6 +73,7 @@ impl Cluster {
             s3,
             db_url,
             port: free_port(),
+            metrics_port: free_port(),
             coordinator: None,
             workers: Vec::new(),
         };
@@ -92,6 +95,7 @@ impl Cluster {
 
     pub(crate) fn start_coordinator(&mut self) {
         let listen = format!("127.0.0.1:{}", self.port);
+        let metrics = format!("127.0.0.1:{}", self.metrics_port);
         let endpoint = self.s3.endpoint();
         let child = self
             .command(&[
@@ -105,6 +109,8 @@ impl Cluster {
                 "--s3-path-style",
                 "--lease-seconds",
                 "4",
+                "--metrics-listen",
+                &metrics,
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -195,6 +201,34 @@ impl Cluster {
     pub(crate) async fn db(&self) -> sqlx::PgPool {
         sqlx::PgPool::connect(&self.db_url).await.expect("db")
     }
+}
+
+/// The samples of a Prometheus text exposition at `127.0.0.1:port/metrics`, keyed by name
+/// with labels (`shardpress_jobs{state="succeeded"}`).
+pub(crate) fn scrape(port: u16) -> BTreeMap<String, f64> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).expect("read /metrics");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    assert!(body.trim_end().ends_with("# EOF"), "{body}");
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').expect("a sample line");
+            (name.to_string(), value.parse::<f64>().expect("a number"))
+        })
+        .collect()
 }
 
 pub(crate) fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {

@@ -5,10 +5,12 @@
 // Test helpers outside #[test] functions fail loudly on broken fixtures.
 #![allow(clippy::expect_used)]
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::cluster::{
-    assert_matches_local, assert_same_as_local, model_dir, signal, tensor_bytes, Cluster,
+    assert_matches_local, assert_same_as_local, free_port, model_dir, scrape, signal, tensor_bytes,
+    Cluster,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -16,8 +18,14 @@ async fn two_workers_compress_the_real_checkpoint_like_the_local_command() {
     let mut c = Cluster::start().await;
     // 64 MiB is less than the embedding (45 MiB of f32) plus a task's upload buffers, so it
     // is read and written in row blocks; the output must still match the unlimited local run.
-    c.start_worker_with("2", &["--memory-limit", "64MiB"]);
-    c.start_worker_with("2", &["--memory-limit", "64MiB"]);
+    let worker_metrics = [free_port(), free_port()];
+    for port in worker_metrics {
+        let listen = format!("127.0.0.1:{port}");
+        c.start_worker_with(
+            "2",
+            &["--memory-limit", "64MiB", "--metrics-listen", &listen],
+        );
+    }
     let id = c.submit();
     let watch = c.cli(&["watch", &id]);
     assert!(
@@ -81,6 +89,97 @@ async fn two_workers_compress_the_real_checkpoint_like_the_local_command() {
     .await
     .expect("memory");
     assert_eq!(recorded, 8, "every task reports its memory");
+    let tensors_run: i64 = sqlx::query_scalar("SELECT count(*) FROM tensor_results")
+        .fetch_one(&db)
+        .await
+        .expect("tensor_results");
+
+    // The coordinator's counters match the job; its gauges follow the database within a
+    // sweep (a second with 4 s leases).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let m = loop {
+        let m = scrape(c.metrics_port);
+        let settled = m.get("shardpress_jobs{state=\"succeeded\"}") == Some(&1.0);
+        if settled || Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let metric = |name: &str| m.get(name).copied().unwrap_or(-1.0);
+    assert_eq!(metric("shardpress_jobs{state=\"succeeded\"}"), 1.0, "{m:?}");
+    assert_eq!(metric("shardpress_jobs{state=\"running\"}"), 0.0, "{m:?}");
+    assert_eq!(metric("shardpress_tasks{state=\"queued\"}"), 0.0, "{m:?}");
+    assert_eq!(metric("shardpress_tasks_leased_total"), 8.0, "{m:?}");
+    assert_eq!(metric("shardpress_tasks_completed_total"), 8.0, "{m:?}");
+    assert_eq!(metric("shardpress_tasks_failed_total"), 0.0, "{m:?}");
+    assert_eq!(metric("shardpress_tasks_retried_total"), 0.0, "{m:?}");
+    assert_eq!(metric("shardpress_lease_expiries_total"), 0.0, "{m:?}");
+    assert_eq!(metric("shardpress_reports_refused_total"), 0.0, "{m:?}");
+    assert_eq!(metric("shardpress_bytes_written_total"), total_out as f64);
+    assert_eq!(metric("shardpress_bytes_read_total"), bytes_in as f64);
+    assert_eq!(metric("shardpress_task_duration_seconds_count"), 8.0);
+    assert!(
+        metric("shardpress_task_duration_seconds_sum") > 0.0,
+        "{m:?}"
+    );
+
+    // Each worker counts what it did; together they did the job once. A worker counts a
+    // task after the coordinator accepted it, so the last one may land just after the job.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sum = |scrapes: &[BTreeMap<String, f64>], name: &str| -> f64 {
+        scrapes
+            .iter()
+            .map(|m| m.get(name).copied().unwrap_or(0.0))
+            .sum()
+    };
+    let scrapes = loop {
+        let scrapes: Vec<_> = worker_metrics.iter().map(|p| scrape(*p)).collect();
+        let done = sum(
+            &scrapes,
+            "shardpress_worker_tasks_total{outcome=\"completed\"}",
+        );
+        if done >= 8.0 || Instant::now() > deadline {
+            break scrapes;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let completed = "shardpress_worker_tasks_total{outcome=\"completed\"}";
+    assert_eq!(sum(&scrapes, completed), 8.0, "{scrapes:?}");
+    assert_eq!(
+        sum(
+            &scrapes,
+            "shardpress_worker_tasks_total{outcome=\"failed\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        sum(&scrapes, "shardpress_worker_bytes_written_total"),
+        total_out as f64
+    );
+    assert_eq!(
+        sum(&scrapes, "shardpress_worker_bytes_read_total"),
+        bytes_in as f64
+    );
+    assert_eq!(
+        sum(&scrapes, "shardpress_worker_task_duration_seconds_count"),
+        8.0
+    );
+    assert_eq!(
+        sum(&scrapes, "shardpress_worker_tensor_duration_seconds_count"),
+        tensors_run as f64
+    );
+    for m in &scrapes {
+        assert_eq!(
+            m.get("shardpress_worker_tasks_running"),
+            Some(&0.0),
+            "{m:?}"
+        );
+        assert_eq!(
+            m.get("shardpress_worker_pool_limit_bytes"),
+            Some(&f64::from(64u32 << 20)),
+            "{m:?}"
+        );
+    }
     let _ = &c.pg;
 }
 
