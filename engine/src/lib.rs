@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod codec;
 pub mod decompress;
 pub mod dtype;
+pub mod estimate;
 pub mod hf_config;
 pub mod kernels;
 pub mod memory;

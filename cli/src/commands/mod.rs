@@ -4,6 +4,7 @@ pub mod cancel;
 pub mod compress;
 pub mod coordinator;
 pub mod decompress;
+pub mod estimate;
 pub mod inspect;
 pub mod list;
 pub mod recipes;

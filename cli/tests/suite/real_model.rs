@@ -265,6 +265,54 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// `shardpress estimate` predicts exactly the tensor bytes `compress` wrote to `out`
+/// (every output shard's size less its header), in total and per layer group.
+#[allow(clippy::expect_used)] // a test helper: broken fixtures fail loudly
+fn assert_estimate_exact(model: &Path, recipe: &str, out: &Path) {
+    let output = Command::new(env!("CARGO_BIN_EXE_shardpress"))
+        .arg("estimate")
+        .arg(model)
+        .args(["--recipe", recipe, "--output", "json"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run shardpress: {e}"));
+    assert!(output.status.success(), "{}", describe(&output));
+    let all: Value = serde_json::from_slice(&output.stdout).expect("estimate json");
+    let estimate = &all[0];
+    assert_eq!(estimate["recipe"], Value::from(recipe), "{all}");
+    let mut written = BTreeMap::new();
+    for entry in fs::read_dir(out).expect("output dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            let bytes = read(&path);
+            let header = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            written.insert(name.expect("name"), bytes.len() as u64 - 8 - header);
+        }
+    }
+    let total: u64 = written.values().sum();
+    assert_eq!(estimate["predicted_bytes"], Value::from(total), "{recipe}");
+    let layers = estimate["layers"].as_array().expect("layers");
+    assert_eq!(
+        layers.len(),
+        written.len(),
+        "{recipe}: one output shard per layer group"
+    );
+    let mut predicted: Vec<u64> = layers
+        .iter()
+        .map(|l| l["predicted_bytes"].as_u64().expect("bytes"))
+        .collect();
+    let mut actual: Vec<u64> = written.values().copied().collect();
+    predicted.sort_unstable();
+    actual.sort_unstable();
+    assert_eq!(predicted, actual, "{recipe}: per layer group");
+    let params = estimate["params"].as_f64().expect("params");
+    let bits = estimate["bits_per_weight"].as_f64().expect("bits");
+    assert!(
+        (bits - total as f64 * 8.0 / params).abs() < 1e-3,
+        "{recipe}: {bits}"
+    );
+}
+
 fn temp_dir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap_or_else(|e| panic!("cannot create a temporary directory: {e}"))
 }
@@ -374,6 +422,10 @@ fn check_cast(recipe: &str, max_rel: f64) {
     let setup = setup();
     let summary = compress_and_verify(&setup, recipe);
     let inputs = input_tensors(&setup.model);
+    let tmp = temp_dir();
+    let out = tmp.path().join("out");
+    compress(&setup.model, recipe, &out, 1);
+    assert_estimate_exact(&setup.model, recipe, &out);
     let floats = inputs.iter().filter(|(_, d, _)| is_float(*d)).count() as u64;
     assert_eq!(count(&summary, "cast"), floats, "summary: {summary}");
     assert_eq!(count(&summary, "kept"), inputs.len() as u64 - floats);
@@ -607,6 +659,7 @@ fn every_compression_preset_decodes_to_the_bit_and_meets_its_error_bound() {
         let out = tmp.path().join("out");
         let dense = tmp.path().join("dense");
         compress(&setup.model, recipe, &out, 2);
+        assert_estimate_exact(&setup.model, recipe, &out);
         // Alternate target dtypes so both the f32 and the bf16 paths are compared.
         let dtype = if i % 2 == 0 { "f32" } else { "bf16" };
         decompress(&out, &dense, dtype);
