@@ -125,6 +125,12 @@ async fn try_finalize(ctx: &Ctx, job: Uuid) -> Result<bool, Failure> {
     put("report.json", json_bytes(&fin.report))
         .await
         .map_err(storage)?;
+    let md = shardpress_engine::report_render::to_markdown(&fin.report);
+    put("report.md", md.into_bytes()).await.map_err(storage)?;
+    let html = shardpress_engine::report_render::to_html(&fin.report);
+    put("report.html", html.into_bytes())
+        .await
+        .map_err(storage)?;
     ctx.store
         .succeed(job)
         .await

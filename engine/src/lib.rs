@@ -16,6 +16,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod recipe;
 pub mod report;
+pub mod report_render;
 pub mod safetensors;
 pub mod source;
 pub mod stream;

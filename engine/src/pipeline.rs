@@ -834,6 +834,10 @@ fn write_all(
         write_file(&staging.join("config.json"), &json_bytes(c))?;
     }
     write_file(&staging.join("report.json"), &json_bytes(&fin.report))?;
+    let md = crate::report_render::to_markdown(&fin.report);
+    write_file(&staging.join("report.md"), md.as_bytes())?;
+    let html = crate::report_render::to_html(&fin.report);
+    write_file(&staging.join("report.html"), html.as_bytes())?;
     Ok(fin.report)
 }
 

@@ -8,6 +8,7 @@ pub mod estimate;
 pub mod inspect;
 pub mod list;
 pub mod recipes;
+pub mod report;
 pub mod status;
 pub mod submit;
 pub mod watch;

@@ -9,5 +9,6 @@ mod interrupt;
 mod malformed;
 mod memory;
 mod real_model;
+mod report;
 mod service;
 mod structured;
