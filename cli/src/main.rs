@@ -53,6 +53,7 @@ enum Command {
     Cancel(commands::cancel::Args),
     Worker(commands::worker::Args),
     Coordinator(commands::coordinator::Args),
+    Bench(commands::bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -84,6 +85,7 @@ fn main() -> ExitCode {
         Command::Cancel(a) => commands::cancel::run(a),
         Command::Worker(a) => commands::worker::run(a),
         Command::Coordinator(a) => commands::coordinator::run(a),
+        Command::Bench(a) => commands::bench::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -23,6 +23,7 @@ use crate::kernels::fp8::{self, FloatParams};
 use crate::kernels::int_quant::{
     self, tensor_scale_error, IntParams, QuantError, Strategy, TensorObserver,
 };
+use crate::kernels::lanes;
 use crate::kernels::prune::{self, PruneMethod, PruneScope, Threshold, ThresholdFinder};
 use crate::metrics::ErrorStats;
 use crate::recipe::{QuantFormat, SparseStorage, TensorAction, WeightQuant};
@@ -440,10 +441,18 @@ pub fn decode_rows(
     out: &mut [f32],
 ) -> Result<(), TransformProblem> {
     let sw = (dtype.bits() / 8) as usize;
-    out.par_chunks_mut(CHUNK)
+    let finite = out
+        .par_chunks_mut(CHUNK)
         .zip(bytes.par_chunks(CHUNK * sw))
-        .for_each(|(o, b)| decode_f32(dtype, b, o));
+        .map(|(o, b)| {
+            decode_f32(dtype, b, o);
+            lanes::all_finite(o)
+        })
+        .reduce(|| true, |a, b| a && b);
     let cols = (cols as usize).max(1);
+    if finite {
+        return Ok(());
+    }
     if let Some(i) = out.par_iter().position_first(|x| !x.is_finite()) {
         return Err(QuantError::NonFinite {
             row: row0 + (i / cols) as u64,
@@ -504,15 +513,15 @@ pub fn encode_block(
                 &mut keep,
             );
             let c = (cols as usize).max(1);
-            for (row, kr) in w.chunks(c).zip(keep.chunks(c)) {
-                let mut rs = ErrorStats::default();
-                for (x, k) in row.iter().zip(kr) {
-                    rs.add(*x, if *k { *x } else { 0.0 });
-                    if !k {
-                        carry.pruned += 1;
-                    }
-                }
-                carry.stats.merge(&rs);
+            let per_row: Vec<(ErrorStats, u64)> = w
+                .par_chunks(c)
+                .zip(keep.par_chunks(c))
+                .with_min_len((CHUNK / c).max(1))
+                .map(|(row, kr)| pruned_row_stats(row, kr))
+                .collect();
+            for (rs, pruned) in &per_row {
+                carry.stats.merge(rs);
+                carry.pruned += pruned;
             }
             Ok(match p.storage {
                 SparseStorage::Dense => {
@@ -539,8 +548,17 @@ pub fn encode_block(
             })
         }
         TensorAction::Quantize(q) => {
-            let w = &mut w[..bytes.len() / width.max(1)];
-            decode_rows(info.dtype, bytes, cols, row0, w)?;
+            // Without pruning, per-row parameters are computed from each row alone, so rows
+            // go from raw bytes to output while in cache.
+            let fused = q.prune.is_none()
+                && match q.weights {
+                    WeightQuant::Int(p) => p.strategy != Strategy::Tensor,
+                    WeightQuant::Float(p) => p.per_channel,
+                };
+            let w = &mut w[..if fused { 0 } else { bytes.len() / width.max(1) }];
+            if !fused {
+                decode_rows(info.dtype, bytes, cols, row0, w)?;
+            }
             if let Some(method) = &q.prune {
                 let mut keep = vec![true; w.len()];
                 block_mask(
@@ -570,15 +588,27 @@ pub fn encode_block(
             let err = |e: QuantError| e.to_string();
             match (q.format(), q.weights) {
                 (QuantFormat::PackQuantized, WeightQuant::Int(p)) => {
-                    let r = int_quant::quantize_rows(
-                        w,
-                        block_rows,
-                        cols,
-                        &p,
-                        g.int_tensor,
-                        row0,
-                        &mut carry.stats,
-                    )
+                    let r = if fused {
+                        int_quant::quantize_raw_rows(
+                            info.dtype,
+                            bytes,
+                            block_rows,
+                            cols,
+                            &p,
+                            row0,
+                            &mut carry.stats,
+                        )
+                    } else {
+                        int_quant::quantize_rows(
+                            w,
+                            block_rows,
+                            cols,
+                            &p,
+                            g.int_tensor,
+                            row0,
+                            &mut carry.stats,
+                        )
+                    }
                     .map_err(err)?;
                     let tensor = p.strategy == Strategy::Tensor;
                     let mut blobs = vec![
@@ -611,15 +641,27 @@ pub fn encode_block(
                     Ok(blobs)
                 }
                 (_, WeightQuant::Int(p)) => {
-                    let r = int_quant::quantize_rows(
-                        w,
-                        block_rows,
-                        cols,
-                        &p,
-                        g.int_tensor,
-                        row0,
-                        &mut carry.stats,
-                    )
+                    let r = if fused {
+                        int_quant::quantize_raw_rows(
+                            info.dtype,
+                            bytes,
+                            block_rows,
+                            cols,
+                            &p,
+                            row0,
+                            &mut carry.stats,
+                        )
+                    } else {
+                        int_quant::quantize_rows(
+                            w,
+                            block_rows,
+                            cols,
+                            &p,
+                            g.int_tensor,
+                            row0,
+                            &mut carry.stats,
+                        )
+                    }
                     .map_err(err)?;
                     let tensor = p.strategy == Strategy::Tensor;
                     let values = int_quant::unpack_values(&r.packed, block_rows, cols, p.bits);
@@ -635,15 +677,27 @@ pub fn encode_block(
                     Ok(blobs)
                 }
                 (_, WeightQuant::Float(p)) => {
-                    let r = fp8::quantize_rows(
-                        w,
-                        block_rows,
-                        cols,
-                        &p,
-                        g.fp8_tensor,
-                        row0,
-                        &mut carry.stats,
-                    )
+                    let r = if fused {
+                        fp8::quantize_raw_rows(
+                            info.dtype,
+                            bytes,
+                            block_rows,
+                            cols,
+                            &p,
+                            row0,
+                            &mut carry.stats,
+                        )
+                    } else {
+                        fp8::quantize_rows(
+                            w,
+                            block_rows,
+                            cols,
+                            &p,
+                            g.fp8_tensor,
+                            row0,
+                            &mut carry.stats,
+                        )
+                    }
                     .map_err(err)?;
                     let scales = scale_bytes(&r.scales, p.scale_dtype);
                     Ok(vec![
@@ -654,6 +708,29 @@ pub fn encode_block(
             }
         }
     }
+}
+
+/// Reconstruction error of a pruned row (kept elements exact, pruned ones zero) and the
+/// number pruned, summed per lane.
+fn pruned_row_stats(row: &[f32], keep: &[bool]) -> (ErrorStats, u64) {
+    let mut acc = lanes::LaneStats::default();
+    let mut kept = 0u64;
+    let mut xc = row.chunks_exact(lanes::L);
+    let mut kc = keep.chunks_exact(lanes::L);
+    for (x, k) in (&mut xc).zip(&mut kc) {
+        let x = lanes::chunk(x);
+        let y: [f32; lanes::L] = std::array::from_fn(|i| if k[i] { x[i] } else { 0.0 });
+        kept += k.iter().map(|&b| u64::from(b)).sum::<u64>();
+        acc.add_chunk(&x, &y);
+    }
+    let (xt, kt) = (xc.remainder(), kc.remainder());
+    let mut y = [0f32; lanes::L];
+    for ((x, k), o) in xt.iter().zip(kt).zip(y.iter_mut()) {
+        *o = if *k { *x } else { 0.0 };
+    }
+    kept += kt.iter().map(|&b| u64::from(b)).sum::<u64>();
+    acc.add_tail(xt, &y[..xt.len()]);
+    (acc.finish(), row.len() as u64 - kept)
 }
 
 /// Transforms one whole tensor's raw bytes according to `action`: the statistics passes
@@ -696,7 +773,11 @@ fn i64_bytes(v: &[i64]) -> Vec<u8> {
 }
 
 fn u32_bytes(v: &[u32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    let mut out = vec![0u8; v.len() * 4];
+    for (o, x) in out.chunks_exact_mut(4).zip(v) {
+        o.copy_from_slice(&x.to_le_bytes());
+    }
+    out
 }
 
 /// Casts a whole buffer of float elements; `Err` names the first finite element the target

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod bench;
 pub mod cancel;
 pub mod compress;
 pub mod coordinator;

@@ -8,6 +8,8 @@
 //! scatter values into the marked positions read it back the same). Works on raw element
 //! bytes of any width, so values are stored exactly as they were.
 
+use rayon::prelude::*;
+
 /// A tensor in bitmask form.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BitmaskTensor {
@@ -27,42 +29,151 @@ pub fn mask_row_bytes(cols: u64) -> u64 {
 }
 
 /// Compresses `rows × cols` elements of `width` bytes each, keeping those `keep` marks.
+///
+/// Rows run in parallel: the kept count of every row gives its offset first, then each row
+/// writes its mask bytes and its values into its own part of the output.
 pub fn compress(bytes: &[u8], keep: &[bool], rows: u64, cols: u64, width: usize) -> BitmaskTensor {
     let cols_us = cols as usize;
+    let rows_us = rows as usize;
     let mrow = mask_row_bytes(cols) as usize;
-    let mut bitmask = vec![0u8; rows as usize * mrow];
-    let mut row_offsets = Vec::with_capacity(rows as usize);
-    let mut values = Vec::new();
-    let mut nnz = 0u64;
+    let mut bitmask = vec![0u8; rows_us * mrow];
     if cols_us == 0 || width == 0 {
-        row_offsets.resize(rows as usize, 0);
         return BitmaskTensor {
+            values: Vec::new(),
+            nnz: 0,
+            bitmask,
+            row_offsets: vec![0; rows_us],
+        };
+    }
+    let counts: Vec<usize> = keep
+        .par_chunks(cols_us)
+        .map(|k| k.iter().map(|&b| usize::from(b)).sum())
+        .collect();
+    let mut row_offsets = Vec::with_capacity(rows_us);
+    let mut nnz = 0usize;
+    for c in &counts {
+        row_offsets.push(nnz as i64);
+        nnz += c;
+    }
+    let mut values = vec![0u8; nnz * width];
+    let mut parts = Vec::with_capacity(rows_us);
+    let mut rest = values.as_mut_slice();
+    for c in &counts {
+        let (part, tail) = rest.split_at_mut(c * width);
+        parts.push(part);
+        rest = tail;
+    }
+    bitmask
+        .par_chunks_mut(mrow.max(1))
+        .zip(bytes.par_chunks(cols_us * width))
+        .zip(keep.par_chunks(cols_us))
+        .zip(parts.into_par_iter())
+        .with_min_len((ROW_ITEM / cols_us).max(1))
+        .for_each(|(((m, row), kr), out)| {
+            mask_bytes(kr, m);
+            match width {
+                2 => compact::<2>(row, kr, out),
+                4 => compact::<4>(row, kr, out),
+                _ => compact_any(row, kr, out, width),
+            }
+        });
+    BitmaskTensor {
+        values,
+        nnz: nnz as u64,
+        bitmask,
+        row_offsets,
+    }
+}
+
+/// Elements per parallel work item when rows are short.
+const ROW_ITEM: usize = 1 << 14;
+
+/// Bit `c % 8` of byte `c / 8` for every kept column.
+fn mask_bytes(keep: &[bool], out: &mut [u8]) {
+    for (o, k) in out.iter_mut().zip(keep.chunks(8)) {
+        *o = k
+            .iter()
+            .enumerate()
+            .fold(0u8, |b, (j, &x)| b | (u8::from(x) << j));
+    }
+}
+
+/// Kept elements of `W` bytes, in order, without a branch per element: every element is
+/// written to a small buffer at the next free slot, which advances only for kept ones.
+fn compact<const W: usize>(row: &[u8], keep: &[bool], out: &mut [u8]) {
+    const BLOCK: usize = 64;
+    let mut n = 0usize;
+    let mut buf = [[0u8; W]; BLOCK];
+    for (es, ks) in row.chunks(BLOCK * W).zip(keep.chunks(BLOCK)) {
+        let mut t = 0usize;
+        for (e, &k) in es.chunks_exact(W).zip(ks) {
+            buf[t] = std::array::from_fn(|i| e[i]);
+            t += usize::from(k);
+        }
+        out[n * W..(n + t) * W].copy_from_slice(buf[..t].as_flattened());
+        n += t;
+    }
+}
+
+fn compact_any(row: &[u8], keep: &[bool], out: &mut [u8], width: usize) {
+    let mut n = 0usize;
+    for (e, &k) in row.chunks_exact(width).zip(keep) {
+        if k {
+            out[n..n + width].copy_from_slice(e);
+            n += width;
+        }
+    }
+}
+
+/// The plain version, which tests compare with bit for bit.
+#[cfg(test)]
+pub(crate) mod reference {
+    use super::*;
+
+    /// Compresses one element at a time.
+    pub fn compress(
+        bytes: &[u8],
+        keep: &[bool],
+        rows: u64,
+        cols: u64,
+        width: usize,
+    ) -> BitmaskTensor {
+        let cols_us = cols as usize;
+        let mrow = mask_row_bytes(cols) as usize;
+        let mut bitmask = vec![0u8; rows as usize * mrow];
+        let mut row_offsets = Vec::with_capacity(rows as usize);
+        let mut values = Vec::new();
+        let mut nnz = 0u64;
+        if cols_us == 0 || width == 0 {
+            row_offsets.resize(rows as usize, 0);
+            return BitmaskTensor {
+                values,
+                nnz,
+                bitmask,
+                row_offsets,
+            };
+        }
+        for (r, (row, kr)) in bytes
+            .chunks_exact(cols_us * width)
+            .zip(keep.chunks_exact(cols_us))
+            .enumerate()
+        {
+            row_offsets.push(nnz as i64);
+            let mask = &mut bitmask[r * mrow..(r + 1) * mrow];
+            for (c, (elem, k)) in row.chunks_exact(width).zip(kr).enumerate() {
+                if *k {
+                    mask[c / 8] |= 1 << (c % 8);
+                    values.extend_from_slice(elem);
+                    nnz += 1;
+                }
+            }
+        }
+        BitmaskTensor {
             values,
             nnz,
             bitmask,
             row_offsets,
-        };
-    }
-    for (r, (row, kr)) in bytes
-        .chunks_exact(cols_us * width)
-        .zip(keep.chunks_exact(cols_us))
-        .enumerate()
-    {
-        row_offsets.push(nnz as i64);
-        let mask = &mut bitmask[r * mrow..(r + 1) * mrow];
-        for (c, (elem, k)) in row.chunks_exact(width).zip(kr).enumerate() {
-            if *k {
-                mask[c / 8] |= 1 << (c % 8);
-                values.extend_from_slice(elem);
-                nnz += 1;
-            }
         }
-    }
-    BitmaskTensor {
-        values,
-        nnz,
-        bitmask,
-        row_offsets,
     }
 }
 
@@ -180,5 +291,30 @@ mod tests {
         let mut bad = b.bitmask.clone();
         bad[1] |= 0x80;
         assert!(expand(&b.values, &bad, 2, 10, 4).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parallel_compress_matches_reference(
+            rows in 0u64..6,
+            cols in 0u64..150,
+            width in proptest::sample::select(vec![1usize, 2, 4, 8]),
+            seed: u64,
+        ) {
+            let n = (rows * cols) as usize;
+            let bytes: Vec<u8> = (0..n * width).map(|i| (i as u64).wrapping_mul(seed | 1) as u8).collect();
+            let keep: Vec<bool> = (0..n).map(|i| !(i as u64 ^ seed).count_ones().is_multiple_of(3)).collect();
+            let fast = compress(&bytes, &keep, rows, cols, width);
+            proptest::prop_assert_eq!(&fast, &reference::compress(&bytes, &keep, rows, cols, width));
+            if n > 0 {
+                let back = expand(&fast.values, &fast.bitmask, rows, cols, width).expect("expand");
+                let want: Vec<u8> = bytes
+                    .chunks_exact(width)
+                    .zip(&keep)
+                    .flat_map(|(e, k)| if *k { e.to_vec() } else { vec![0; width] })
+                    .collect();
+                proptest::prop_assert_eq!(back, want);
+            }
+        }
     }
 }

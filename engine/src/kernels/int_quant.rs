@@ -13,7 +13,8 @@
 use rayon::prelude::*;
 
 use crate::dtype::DType;
-use crate::kernels::convert::round_trip;
+use crate::kernels::convert::{decode_f32, round_trip};
+use crate::kernels::lanes::{all_finite, chunk, range_with_zero, round_small, LaneStats, L};
 use crate::metrics::ErrorStats;
 
 /// How quantization parameters are shared.
@@ -239,7 +240,9 @@ pub fn quantize_rows(
         zero_points[0] = z;
         w.par_chunks(cols_us.max(1))
             .zip(packed.par_chunks_mut(wpr.max(1)))
-            .map(|(row, out)| Ok(encode_row(row, out, &[s], &[z], cols_us.max(1), p)))
+            .map_init(Vec::new, |q, (row, out)| {
+                Ok(encode_row(row, out, &[s], &[z], cols_us.max(1), p, q))
+            })
             .collect()
     } else {
         w.par_chunks(cols_us.max(1))
@@ -247,9 +250,9 @@ pub fn quantize_rows(
             .zip(scales.par_chunks_mut(pcols as usize))
             .zip(zero_points.par_chunks_mut(pcols as usize))
             .enumerate()
-            .map(|(r, (((row, out), sc), zp))| {
-                for (g, chunk) in row.chunks(group).enumerate() {
-                    let (s, z) = choose_params(chunk, p).map_err(|scale| QuantError::Scale {
+            .map_init(Vec::new, |q, (r, (((row, out), sc), zp))| {
+                for (g, part) in row.chunks(group).enumerate() {
+                    let (s, z) = choose_params(part, p).map_err(|scale| QuantError::Scale {
                         row: row0 + r as u64,
                         group: g as u64,
                         scale,
@@ -258,7 +261,7 @@ pub fn quantize_rows(
                     sc[g] = s;
                     zp[g] = z;
                 }
-                Ok(encode_row(row, out, sc, zp, group, p))
+                Ok(encode_row(row, out, sc, zp, group, p, q))
             })
             .collect()
     };
@@ -271,6 +274,110 @@ pub fn quantize_rows(
         zero_points,
         stats: ErrorStats::default(),
     })
+}
+
+/// [`quantize_rows`] for the channel and group strategies, straight from raw little-endian
+/// elements of `dtype`: each row is decoded into a small buffer, checked and quantized while
+/// it is in cache, so the f32 values never go through memory. Same bytes and errors as
+/// decoding the block first (a non-finite value anywhere is reported before any scale
+/// problem).
+pub fn quantize_raw_rows(
+    dtype: DType,
+    bytes: &[u8],
+    rows: u64,
+    cols: u64,
+    p: &IntParams,
+    row0: u64,
+    stats: &mut ErrorStats,
+) -> Result<IntQuantized, QuantError> {
+    let (rows_us, cols_us) = (rows as usize, cols as usize);
+    let width = (dtype.bits() / 8) as usize;
+    if rows_us == 0 || cols_us == 0 || width == 0 || p.strategy == Strategy::Tensor {
+        let mut w = vec![0f32; bytes.len() / width.max(1)];
+        decode_f32(dtype, bytes, &mut w);
+        return quantize_rows(&w, rows, cols, p, None, row0, stats);
+    }
+    let (_, pcols) = p.param_shape(rows, cols);
+    let pcols = pcols as usize;
+    let group = match p.strategy {
+        Strategy::Group(g) => (g as usize).max(1),
+        _ => cols_us,
+    };
+    let wpr = p.words_per_row(cols) as usize;
+    let mut packed = vec![0u32; rows_us * wpr];
+    let mut scales = vec![0f32; rows_us * pcols];
+    let mut zero_points = vec![0i8; rows_us * pcols];
+    let results: Vec<Result<ErrorStats, QuantError>> = bytes
+        .par_chunks(cols_us * width)
+        .zip(packed.par_chunks_mut(wpr))
+        .zip(scales.par_chunks_mut(pcols))
+        .zip(zero_points.par_chunks_mut(pcols))
+        .enumerate()
+        .with_min_len((ROWS_ITEM / cols_us).max(1))
+        .map_init(
+            || (Vec::new(), Vec::new()),
+            |(x, q), (r, (((raw, out), sc), zp))| {
+                let row = row0 + r as u64;
+                x.resize(cols_us, 0.0);
+                decode_f32(dtype, raw, x);
+                check_finite(x, row)?;
+                for (g, part) in x.chunks(group).enumerate() {
+                    let (s, z) = choose_params(part, p).map_err(|scale| QuantError::Scale {
+                        row,
+                        group: g as u64,
+                        scale,
+                        dtype: p.scale_dtype,
+                    })?;
+                    sc[g] = s;
+                    zp[g] = z;
+                }
+                Ok(encode_row(x, out, sc, zp, group, p, q))
+            },
+        )
+        .collect();
+    merge_rows(results, stats)?;
+    Ok(IntQuantized {
+        packed,
+        scales,
+        zero_points,
+        stats: ErrorStats::default(),
+    })
+}
+
+/// Elements per parallel work item when rows are short.
+pub(crate) const ROWS_ITEM: usize = 1 << 14;
+
+/// `Err` with the first non-finite value of a row.
+pub(crate) fn check_finite(x: &[f32], row: u64) -> Result<(), QuantError> {
+    if all_finite(x) {
+        return Ok(());
+    }
+    let col = x.iter().position(|v| !v.is_finite()).unwrap_or(0);
+    Err(QuantError::NonFinite {
+        row,
+        col: col as u64,
+        value: x.get(col).copied().unwrap_or(f32::NAN),
+    })
+}
+
+/// Merges per-row results in row order; a non-finite value in any row wins over a scale
+/// problem in an earlier one (as when the whole block is checked before quantizing).
+pub(crate) fn merge_rows(
+    results: Vec<Result<ErrorStats, QuantError>>,
+    stats: &mut ErrorStats,
+) -> Result<(), QuantError> {
+    if let Some(Err(e)) = results
+        .iter()
+        .find(|r| matches!(r, Err(QuantError::NonFinite { .. })))
+    {
+        return Err(e.clone());
+    }
+    let mut total = *stats;
+    for r in results {
+        total.merge(&r?);
+    }
+    *stats = total;
+    Ok(())
 }
 
 /// Chooses the per-tensor scale and zero point from row blocks fed in order: first every
@@ -369,9 +476,7 @@ impl TensorObserver {
 }
 
 fn range_of(values: &[f32]) -> (f32, f32) {
-    values
-        .iter()
-        .fold((0f32, 0f32), |(lo, hi), &x| (lo.min(x), hi.max(x)))
+    range_with_zero(values)
 }
 
 /// Squared error of quantizing `values` with scale `s` and zero point `z`.
@@ -443,7 +548,11 @@ fn params_for(lo: f32, hi: f32, p: &IntParams) -> Result<(f32, i8), f32> {
 }
 
 /// Quantizes one row into packed words; `scales`/`zps` hold one entry per group of `group`
-/// columns (a single entry covers the whole row).
+/// columns (a single entry covers the whole row). `q` is scratch of at least `row.len()`.
+///
+/// Per group: divide by the scale, round to nearest even, add the zero point, clamp, store
+/// offset-binary bytes; then pack the bytes into words. Same bits as
+/// [`reference::encode_row`]; the error sums are taken per lane (see [`LaneStats`]).
 fn encode_row(
     row: &[f32],
     out: &mut [u32],
@@ -451,25 +560,104 @@ fn encode_row(
     zps: &[i8],
     group: usize,
     p: &IntParams,
+    q: &mut Vec<u8>,
 ) -> ErrorStats {
     let (qmin, qmax) = p.qrange();
     let offset = 1i32 << (p.bits - 1);
-    let bits = u32::from(p.bits);
-    let pf = (32 / bits) as usize;
-    let mask = (1u32 << bits) - 1;
-    let mut stats = ErrorStats::default();
-    out.fill(0);
-    for (c, &x) in row.iter().enumerate() {
-        let g = if scales.len() == 1 { 0 } else { c / group };
-        let s = scales[g];
-        let z = i32::from(zps[g]);
-        let q = ((x / s).round_ties_even() as i32 + z).clamp(qmin, qmax);
-        let deq = (q - z) as f32 * s;
-        stats.add(x, deq);
-        let u = ((q + offset) as u32) & mask;
-        out[c / pf] |= u << ((c % pf) as u32 * bits);
+    q.resize(row.len(), 0);
+    let mut acc = LaneStats::default();
+    for ((xs, qs), (&s, &z)) in row
+        .chunks(group.max(1))
+        .zip(q.chunks_mut(group.max(1)))
+        .zip(scales.iter().zip(zps))
+    {
+        quantize_group(xs, qs, s, i32::from(z), qmin, qmax, offset, &mut acc);
     }
-    stats
+    pack_row(q, out, u32::from(p.bits));
+    acc.finish()
+}
+
+/// One element: `clamp(round_even(x / s) + z, qmin, qmax)`. The quotient is clamped to
+/// ±512 first, which changes nothing after the final clamp (|z| ≤ 128, |q| ≤ 128) and keeps
+/// [`round_small`] exact.
+#[inline(always)]
+fn quant_one(x: f32, s: f32, z: i32, qmin: i32, qmax: i32) -> i32 {
+    let v = (x / s).clamp(-512.0, 512.0);
+    (round_small(v) as i32 + z).clamp(qmin, qmax)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn quantize_group(
+    xs: &[f32],
+    qs: &mut [u8],
+    s: f32,
+    z: i32,
+    qmin: i32,
+    qmax: i32,
+    offset: i32,
+    acc: &mut LaneStats,
+) {
+    let mut xc = xs.chunks_exact(L);
+    let mut qc = qs.chunks_exact_mut(L);
+    for (x, qo) in (&mut xc).zip(&mut qc) {
+        let x = chunk(x);
+        let mut deq = [0f32; L];
+        for i in 0..L {
+            let v = quant_one(x[i], s, z, qmin, qmax);
+            qo[i] = (v + offset) as u8;
+            deq[i] = (v - z) as f32 * s;
+        }
+        acc.add_chunk(&x, &deq);
+    }
+    let (xt, qt) = (xc.remainder(), qc.into_remainder());
+    let mut deq = [0f32; L];
+    for ((&x, qo), d) in xt.iter().zip(qt.iter_mut()).zip(deq.iter_mut()) {
+        let v = quant_one(x, s, z, qmin, qmax);
+        *qo = (v + offset) as u8;
+        *d = (v - z) as f32 * s;
+    }
+    acc.add_tail(xt, &deq[..xt.len()]);
+}
+
+/// Packs offset-binary values of `bits` bits LSB-first, `32 / bits` per word, the last word
+/// zero-padded.
+fn pack_row(q: &[u8], out: &mut [u32], bits: u32) {
+    match bits {
+        8 => pack_fixed::<4>(q, out, 8),
+        4 => pack_fixed::<8>(q, out, 4),
+        2 => pack_fixed::<16>(q, out, 2),
+        _ => {
+            let pf = (32 / bits) as usize;
+            for (o, c) in out.iter_mut().zip(q.chunks(pf)) {
+                *o = c
+                    .iter()
+                    .enumerate()
+                    .fold(0u32, |w, (j, &v)| w | u32::from(v) << (j as u32 * bits));
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn pack_fixed<const PF: usize>(q: &[u8], out: &mut [u32], bits: u32) {
+    let mut qc = q.chunks_exact(PF);
+    for (o, c) in out.iter_mut().zip(&mut qc) {
+        let mut w = 0u32;
+        for (j, &v) in c.iter().enumerate() {
+            w |= u32::from(v) << (j as u32 * bits);
+        }
+        *o = w;
+    }
+    let tail = qc.remainder();
+    if !tail.is_empty() {
+        if let Some(o) = out.get_mut(q.len() / PF) {
+            *o = tail
+                .iter()
+                .enumerate()
+                .fold(0u32, |w, (j, &v)| w | u32::from(v) << (j as u32 * bits));
+        }
+    }
 }
 
 /// Unpacks `rows × cols` signed values from packed rows.
@@ -522,6 +710,78 @@ pub fn unpack_along_rows(words: &[u32], rows: u64, cols: u64, bits: u8) -> Vec<i
         }
     }
     out
+}
+
+/// Plain element-at-a-time versions of the kernels, which tests compare with bit for bit.
+#[cfg(test)]
+pub(crate) mod reference {
+    use super::*;
+
+    /// Quantizes one row into packed words, one element at a time.
+    pub fn encode_row(
+        row: &[f32],
+        out: &mut [u32],
+        scales: &[f32],
+        zps: &[i8],
+        group: usize,
+        p: &IntParams,
+    ) -> ErrorStats {
+        let (qmin, qmax) = p.qrange();
+        let offset = 1i32 << (p.bits - 1);
+        let bits = u32::from(p.bits);
+        let pf = (32 / bits) as usize;
+        let mask = (1u32 << bits) - 1;
+        let mut stats = ErrorStats::default();
+        out.fill(0);
+        for (c, &x) in row.iter().enumerate() {
+            let g = if scales.len() == 1 { 0 } else { c / group };
+            let s = scales[g];
+            let z = i32::from(zps[g]);
+            let q = ((x / s).round_ties_even() as i32 + z).clamp(qmin, qmax);
+            let deq = (q - z) as f32 * s;
+            stats.add(x, deq);
+            let u = ((q + offset) as u32) & mask;
+            out[c / pf] |= u << ((c % pf) as u32 * bits);
+        }
+        stats
+    }
+
+    /// Range of a group and 0 with `f32::min`/`f32::max`.
+    pub fn range_of(values: &[f32]) -> (f32, f32) {
+        values
+            .iter()
+            .fold((0f32, 0f32), |(lo, hi), &x| (lo.min(x), hi.max(x)))
+    }
+
+    /// Quantizes a matrix (channel or group strategy) one element at a time.
+    pub fn quantize(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        p: &IntParams,
+    ) -> (Vec<u32>, Vec<f32>, Vec<i8>, ErrorStats) {
+        let group = match p.strategy {
+            Strategy::Group(g) => g as usize,
+            _ => cols,
+        };
+        let wpr = p.words_per_row(cols as u64) as usize;
+        let mut packed = vec![0u32; rows * wpr];
+        let (mut scales, mut zps) = (Vec::new(), Vec::new());
+        let mut stats = ErrorStats::default();
+        for (row, out) in w.chunks(cols).zip(packed.chunks_mut(wpr)) {
+            let (mut sc, mut zp) = (Vec::new(), Vec::new());
+            for part in row.chunks(group) {
+                let (lo, hi) = range_of(part);
+                let (s, z) = params_for(lo, hi, p).unwrap_or((1.0, 0));
+                sc.push(s);
+                zp.push(z);
+            }
+            stats.merge(&encode_row(row, out, &sc, &zp, group, p));
+            scales.extend(sc);
+            zps.extend(zp);
+        }
+        (packed, scales, zps, stats)
+    }
 }
 
 #[cfg(test)]
@@ -620,5 +880,50 @@ mod tests {
         let q = quantize(&w, 2, 2, &params(8, true, Strategy::Tensor)).expect("quant");
         assert_eq!(q.scales, vec![4.0 / 127.0]);
         assert_eq!(unpack_row(&q.packed[..1], 2, 8), vec![32, -127]);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+        #[test]
+        fn fast_kernel_matches_reference(
+            bits in 2u8..=8,
+            symmetric: bool,
+            group in proptest::prop_oneof![proptest::strategy::Just(0u64), 1u64..40],
+            rows in 1usize..4,
+            cols in 1usize..90,
+            seed: u64,
+            scale in proptest::prop_oneof![
+                proptest::strategy::Just(1e-3f32),
+                proptest::strategy::Just(1.0f32),
+                proptest::strategy::Just(300.0f32),
+            ],
+        ) {
+            let mut state = seed;
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let u = (state >> 40) as f32 / (1u64 << 24) as f32;
+                    // Some exact ties at half steps and some zeros.
+                    match state % 7 {
+                        0 => 0.0,
+                        1 => ((u * 16.0).floor() + 0.5) * scale / 8.0,
+                        _ => (u - 0.4) * scale,
+                    }
+                })
+                .collect();
+            let strategy = if group == 0 { Strategy::Channel } else { Strategy::Group(group) };
+            let p = params(bits, symmetric, strategy);
+            let fast = quantize(&w, rows as u64, cols as u64, &p).expect("finite");
+            let (packed, scales, zps, stats) = reference::quantize(&w, rows, cols, &p);
+            proptest::prop_assert_eq!(&fast.packed, &packed);
+            proptest::prop_assert_eq!(&fast.scales, &scales);
+            proptest::prop_assert_eq!(&fast.zero_points, &zps);
+            proptest::prop_assert_eq!(fast.stats.n, stats.n);
+            proptest::prop_assert_eq!(fast.stats.max_abs_err, stats.max_abs_err);
+            // Error sums are added per lane: the same terms in another order.
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1e-300);
+            proptest::prop_assert!(close(fast.stats.sum_sq_err, stats.sum_sq_err));
+            proptest::prop_assert!(close(fast.stats.sum_sq_ref, stats.sum_sq_ref));
+        }
     }
 }

@@ -5,4 +5,5 @@ pub mod bitmask;
 pub mod convert;
 pub mod fp8;
 pub mod int_quant;
+pub mod lanes;
 pub mod prune;

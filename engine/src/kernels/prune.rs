@@ -127,26 +127,69 @@ pub fn mask(w: &[f32], cols: u64, method: &PruneMethod) -> Vec<bool> {
         }
         PruneMethod::NOfM { n, m } => {
             let (n, m) = (n as usize, m as usize);
-            keep.par_chunks_mut(cols_us)
-                .zip(w.par_chunks(cols_us))
-                .for_each(|(kr, row)| {
-                    for (kg, g) in kr.chunks_mut(m).zip(row.chunks(m)) {
-                        let mut idx: Vec<u32> = (0..g.len() as u32).collect();
-                        // Largest first; at equal magnitude the earlier element wins.
-                        idx.sort_by(|a, b| {
-                            g[*b as usize]
-                                .abs()
-                                .total_cmp(&g[*a as usize].abs())
-                                .then(a.cmp(b))
-                        });
-                        for &i in idx.iter().skip(n) {
-                            kg[i as usize] = false;
-                        }
+            let rows_per_item = (ITEM / cols_us).max(1);
+            keep.par_chunks_mut(cols_us * rows_per_item)
+                .zip(w.par_chunks(cols_us * rows_per_item))
+                .for_each(|(kr, rows)| {
+                    for (kr, row) in kr.chunks_mut(cols_us).zip(rows.chunks(cols_us)) {
+                        n_of_m_row(row, kr, n, m);
                     }
                 });
         }
     }
     keep
+}
+
+/// Elements per parallel work item.
+const ITEM: usize = 1 << 16;
+
+/// N:M keep-mask of one row: in every `m` consecutive elements (the last group may be
+/// shorter) the `n` largest magnitudes are kept, the earlier element first at equal
+/// magnitude. An element is kept when fewer than `n` elements of its group beat it, which
+/// needs no sorting and no allocation; 2:4 and 1:2 run as fixed-size loops.
+fn n_of_m_row(row: &[f32], keep: &mut [bool], n: usize, m: usize) {
+    match m {
+        4 => n_of_m_fixed::<4>(row, keep, n),
+        2 => n_of_m_fixed::<2>(row, keep, n),
+        8 => n_of_m_fixed::<8>(row, keep, n),
+        _ => {
+            for (g, k) in row.chunks(m.max(1)).zip(keep.chunks_mut(m.max(1))) {
+                n_of_m_group(g, k, n);
+            }
+        }
+    }
+}
+
+fn n_of_m_fixed<const M: usize>(row: &[f32], keep: &mut [bool], n: usize) {
+    let mut gs = row.chunks_exact(M);
+    let mut ks = keep.chunks_exact_mut(M);
+    for (g, k) in (&mut gs).zip(&mut ks) {
+        let a: [u32; M] = std::array::from_fn(|i| g[i].abs().to_bits());
+        for i in 0..M {
+            let mut beaten = 0usize;
+            for j in 0..M {
+                // j beats i: larger, or equal and earlier.
+                beaten += usize::from(a[j] > a[i] || (a[j] == a[i] && j < i));
+            }
+            k[i] = beaten < n;
+        }
+    }
+    n_of_m_group(gs.remainder(), ks.into_remainder(), n);
+}
+
+fn n_of_m_group(g: &[f32], k: &mut [bool], n: usize) {
+    for (i, ki) in k.iter_mut().enumerate().take(g.len()) {
+        let ai = g[i].abs().to_bits();
+        let beaten = g
+            .iter()
+            .enumerate()
+            .filter(|(j, x)| {
+                let aj = x.abs().to_bits();
+                aj > ai || (aj == ai && *j < i)
+            })
+            .count();
+        *ki = beaten < n;
+    }
 }
 
 /// Tensor-scope magnitude pruning as a threshold on the magnitudes: every element with
@@ -165,21 +208,59 @@ impl Threshold {
     /// Marks pruned elements of a block of finite values in `keep` (which it fully
     /// overwrites); `seen` counts threshold ties already pruned in earlier blocks.
     pub fn apply_mask(&self, w: &[f32], seen: &mut u64, keep: &mut [bool]) {
-        for (x, k) in w.iter().zip(keep.iter_mut()) {
-            let b = x.abs().to_bits();
-            *k = if b < self.bits {
-                false
-            } else if b == self.bits && *seen < self.ties {
-                *seen += 1;
-                false
-            } else {
-                true
-            };
+        let t = self.bits;
+        // Everything strictly below goes; ties are kept for now and counted per item.
+        let ties: Vec<u64> = w
+            .par_chunks(ITEM)
+            .zip(keep.par_chunks_mut(ITEM))
+            .map(|(x, k)| {
+                let mut eq = 0u64;
+                for (x, k) in x.iter().zip(k.iter_mut()) {
+                    let b = x.abs().to_bits();
+                    *k = b >= t;
+                    eq += u64::from(b == t);
+                }
+                eq
+            })
+            .collect();
+        let remaining = self.ties.saturating_sub(*seen);
+        if remaining == 0 {
+            return;
         }
+        // The first `remaining` ties in position order are pruned: each item knows from the
+        // counts before it how many of its own ties that covers.
+        let mut before = 0u64;
+        let quota: Vec<u64> = ties
+            .iter()
+            .map(|&eq| {
+                let q = remaining.saturating_sub(before).min(eq);
+                before += eq;
+                q
+            })
+            .collect();
+        w.par_chunks(ITEM)
+            .zip(keep.par_chunks_mut(ITEM))
+            .zip(quota.par_iter())
+            .for_each(|((x, k), &q)| {
+                let mut left = q;
+                for (x, k) in x.iter().zip(k.iter_mut()) {
+                    if left == 0 {
+                        break;
+                    }
+                    if x.abs().to_bits() == t {
+                        *k = false;
+                        left -= 1;
+                    }
+                }
+            });
+        *seen += quota.iter().sum::<u64>();
     }
 }
 
 const BINS: usize = 1 << 16;
+
+/// Elements per item of a histogram pass.
+const HIST_ITEM: usize = 1 << 20;
 
 /// Finds the [`Threshold`] that prunes exactly `prune_count(numel, sparsity)` elements: feed
 /// every block to [`ThresholdFinder::high_pass`], call [`ThresholdFinder::choose_high`], then
@@ -209,16 +290,41 @@ impl ThresholdFinder {
     }
 
     /// Bytes the finder holds at most (one histogram, plus one while a pass adds to it).
+    /// While a pass runs each thread also holds a 256 KiB item histogram and a 512 KiB sum,
+    /// which the process allowance covers.
     pub const MEMORY: u64 = 2 * (BINS as u64) * 8;
 
-    fn histogram(w: &[f32], key: impl Fn(u32) -> Option<usize>) -> Vec<u64> {
-        let mut h = vec![0u64; BINS];
-        for x in w {
-            if let Some(b) = key(x.abs().to_bits()) {
-                h[b] += 1;
-            }
-        }
-        h
+    /// Counts per bin, items counted in parallel with 32-bit bins (an item has fewer than
+    /// 2^32 elements) and added up; integer sums, so the result does not depend on the split.
+    fn histogram(w: &[f32], key: impl Fn(u32) -> Option<usize> + Sync) -> Vec<u64> {
+        w.par_chunks(HIST_ITEM)
+            .map(|c| {
+                let mut h = vec![0u32; BINS];
+                for x in c {
+                    if let Some(b) = key(x.abs().to_bits()) {
+                        h[b] += 1;
+                    }
+                }
+                h
+            })
+            .fold(
+                || vec![0u64; BINS],
+                |mut acc, h| {
+                    for (a, b) in acc.iter_mut().zip(&h) {
+                        *a += u64::from(*b);
+                    }
+                    acc
+                },
+            )
+            .reduce(
+                || vec![0u64; BINS],
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(&b) {
+                        *x += y;
+                    }
+                    a
+                },
+            )
     }
 
     fn add(&mut self, h: Vec<u64>) {
@@ -290,6 +396,47 @@ pub fn apply(w: &mut [f32], keep: &[bool]) {
     }
 }
 
+/// Plain versions of the selections, which tests compare with bit for bit.
+#[cfg(test)]
+pub(crate) mod reference {
+    use super::*;
+
+    /// N:M by sorting each group's positions.
+    pub fn n_of_m(w: &[f32], cols: usize, n: usize, m: usize) -> Vec<bool> {
+        let mut keep = vec![true; w.len()];
+        for (kr, row) in keep.chunks_mut(cols).zip(w.chunks(cols)) {
+            for (kg, g) in kr.chunks_mut(m).zip(row.chunks(m)) {
+                let mut idx: Vec<u32> = (0..g.len() as u32).collect();
+                idx.sort_by(|a, b| {
+                    g[*b as usize]
+                        .abs()
+                        .total_cmp(&g[*a as usize].abs())
+                        .then(a.cmp(b))
+                });
+                for &i in idx.iter().skip(n) {
+                    kg[i as usize] = false;
+                }
+            }
+        }
+        keep
+    }
+
+    /// Threshold mask one element at a time.
+    pub fn apply_mask(t: &Threshold, w: &[f32], seen: &mut u64, keep: &mut [bool]) {
+        for (x, k) in w.iter().zip(keep.iter_mut()) {
+            let b = x.abs().to_bits();
+            *k = if b < t.bits {
+                false
+            } else if b == t.bits && *seen < t.ties {
+                *seen += 1;
+                false
+            } else {
+                true
+            };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,5 +479,73 @@ mod tests {
         assert_eq!(m, vec![false, true, true, false, true, true, false, false]);
         let m = mask(&w, 4, &PruneMethod::NOfM { n: 1, m: 2 });
         assert_eq!(m, vec![false, true, true, false, true, false, true, false]);
+    }
+
+    /// Values with many exact ties in magnitude, as bf16 weights have.
+    fn tied_values(seed: u64, len: usize) -> Vec<f32> {
+        let mut state = seed | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let v = ((state >> 20) % 9) as f32 * 0.25;
+                if state & 1 == 0 {
+                    v
+                } else {
+                    -v
+                }
+            })
+            .collect()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn n_of_m_matches_sorting(
+            seed: u64,
+            rows in 1usize..5,
+            groups in 1usize..20,
+            m in 1usize..10,
+            n_frac in 0usize..10,
+            ragged in 0usize..3,
+        ) {
+            let n = n_frac % m;
+            let cols = groups * m + if m > 1 { ragged % m } else { 0 };
+            let w = tied_values(seed, rows * cols);
+            let got = mask(&w, cols as u64, &PruneMethod::NOfM { n: n as u32, m: m as u32 });
+            proptest::prop_assert_eq!(got, reference::n_of_m(&w, cols, n, m));
+        }
+
+        #[test]
+        fn threshold_mask_matches_sequential(
+            seed: u64,
+            len in 0usize..300_000,
+            sparsity in 0.0f64..0.99,
+            split in 0usize..300_000,
+        ) {
+            let w = tied_values(seed, len);
+            let mut finder = ThresholdFinder::new(len as u64, sparsity);
+            if !finder.needs_pass() {
+                return Ok(());
+            }
+            finder.high_pass(&w);
+            finder.choose_high();
+            finder.low_pass(&w);
+            let Some(t) = finder.finish() else {
+                return Err(proptest::test_runner::TestCaseError::fail("no threshold"));
+            };
+            // Two blocks, as streaming feeds them.
+            let split = split.min(len);
+            let (mut a, mut b) = (vec![true; len], vec![true; len]);
+            let (mut seen_a, mut seen_b) = (0u64, 0u64);
+            t.apply_mask(&w[..split], &mut seen_a, &mut a[..split]);
+            t.apply_mask(&w[split..], &mut seen_a, &mut a[split..]);
+            reference::apply_mask(&t, &w[..split], &mut seen_b, &mut b[..split]);
+            reference::apply_mask(&t, &w[split..], &mut seen_b, &mut b[split..]);
+            proptest::prop_assert_eq!(seen_a, seen_b);
+            proptest::prop_assert_eq!(&a, &b);
+            let pruned = a.iter().filter(|k| !**k).count() as u64;
+            proptest::prop_assert_eq!(pruned, prune_count(len as u64, sparsity));
+        }
     }
 }
