@@ -27,37 +27,42 @@ const NUMPY_SCRIPT: &str = include_str!("../../../bench/numpy_kernels.py");
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// MiB of bf16 input each kernel transforms per repetition.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, env = "SHARDPRESS_BENCH_MIB", default_value_t = 256)]
     mib: u64,
 
     /// Columns of the benchmark matrix (input features of a linear layer).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, env = "SHARDPRESS_BENCH_COLS", default_value_t = 4096)]
     cols: u64,
 
     /// Repetitions per measurement; the fastest is reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, env = "SHARDPRESS_BENCH_REPS", default_value_t = 3)]
     reps: u32,
 
     /// Thread counts to measure, comma separated; the first is the reference for scaling.
-    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    #[arg(
+        long,
+        env = "SHARDPRESS_BENCH_THREADS",
+        value_delimiter = ',',
+        default_value = "1,2"
+    )]
     threads: Vec<usize>,
 
     /// Only kernels whose name contains one of these words (comma separated).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, env = "SHARDPRESS_BENCH_ONLY", value_delimiter = ',')]
     only: Vec<String>,
 
     /// Also compress this checkpoint (a directory or .safetensors file) and compare with
     /// copying its files.
-    #[arg(long)]
+    #[arg(long, env = "SHARDPRESS_BENCH_CHECKPOINT")]
     checkpoint: Option<PathBuf>,
 
     /// Recipe of the end-to-end run.
-    #[arg(long, default_value = "w8a16")]
+    #[arg(long, env = "SHARDPRESS_RECIPE", default_value = "w8a16")]
     recipe: String,
 
     /// Directory for the end-to-end outputs and the numpy input (default: the system
     /// temporary directory). Everything written there is removed afterwards.
-    #[arg(long)]
+    #[arg(long, env = "SHARDPRESS_BENCH_SCRATCH")]
     scratch: Option<PathBuf>,
 
     /// A Python interpreter with numpy: times the numpy versions of the kernels on the same
