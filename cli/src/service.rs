@@ -75,6 +75,15 @@ pub struct S3Args {
     /// S3 region; default: from the AWS environment and config files.
     #[arg(long, env = "SHARDPRESS_S3_REGION")]
     pub s3_region: Option<String>,
+
+    /// Seconds an S3 request may wait for the first byte of its response, and a response
+    /// body for its next piece, before the attempt is retried [default: 60].
+    #[arg(
+        long,
+        env = "SHARDPRESS_S3_READ_TIMEOUT",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub s3_read_timeout: Option<u64>,
 }
 
 impl S3Args {
@@ -84,6 +93,8 @@ impl S3Args {
             endpoint: self.s3_endpoint.clone(),
             region: self.s3_region.clone(),
             path_style: self.s3_path_style,
+            read_timeout: self.s3_read_timeout.map(std::time::Duration::from_secs),
+            ..shardpress_storage::S3Settings::default()
         }
     }
 }

@@ -20,7 +20,7 @@ pub use error::StorageError;
 pub use multipart::{MultipartWriter, MAX_PARTS, PART_SIZE, UPLOAD_MEMORY};
 pub use settings::{
     s3_client, s3_client_with_static_credentials, S3Settings, CONNECT_TIMEOUT, DEFAULT_REGION,
-    MAX_ATTEMPTS, READ_TIMEOUT,
+    INITIAL_BACKOFF, MAX_ATTEMPTS, MAX_BACKOFF, READ_TIMEOUT,
 };
 pub use source::{S3Source, READ_CHUNK};
 pub use store::{ObjectMeta, ObjectStore, MAX_SINGLE_COPY};

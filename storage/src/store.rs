@@ -12,20 +12,11 @@ use tokio::runtime::Handle;
 
 use crate::error::{error_chain, StorageError};
 use crate::multipart::MultipartWriter;
-use crate::settings::{s3_client, S3Settings};
+use crate::settings::{
+    s3_client, S3Settings, INITIAL_BACKOFF, MAX_ATTEMPTS, MAX_BACKOFF, READ_TIMEOUT,
+};
 use crate::source::S3Source;
 use crate::uri::S3Uri;
-
-/// Attempts at streaming a response body (the first included). The SDK retries failed
-/// requests itself; these cover bodies that break off after the response started, and
-/// resume from the first byte not yet received.
-const BODY_ATTEMPTS: u32 = 4;
-
-/// First pause before retrying a broken body; doubled on each further attempt.
-const BODY_RETRY_DELAY: Duration = Duration::from_millis(200);
-
-/// Longest wait for the next piece of a response body.
-const BODY_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Largest object CopyObject copies in one request (an S3 limit).
 pub const MAX_SINGLE_COPY: u64 = 5 << 30;
@@ -59,6 +50,49 @@ pub struct ObjectMeta {
 pub struct ObjectStore {
     client: Client,
     handle: Handle,
+    body_retry: BodyRetry,
+}
+
+/// How reads retry response bodies that break off or stall after the response started
+/// (the SDK retries only failed requests, not bodies): with the client's own attempts,
+/// backoff and read timeout, resuming from the first byte not yet received.
+#[derive(Debug, Clone, Copy)]
+struct BodyRetry {
+    /// Attempts at one read, the first included.
+    attempts: u32,
+    /// Bound of the first pause.
+    initial_backoff: Duration,
+    /// Largest bound of a pause.
+    max_backoff: Duration,
+    /// Longest wait for the next piece of a body.
+    stall_timeout: Duration,
+}
+
+impl BodyRetry {
+    fn of(client: &Client) -> Self {
+        let config = client.config();
+        let retry = config.retry_config();
+        Self {
+            attempts: retry.map_or(MAX_ATTEMPTS, |r| r.max_attempts()).max(1),
+            initial_backoff: retry.map_or(INITIAL_BACKOFF, |r| r.initial_backoff()),
+            max_backoff: retry.map_or(MAX_BACKOFF, |r| r.max_backoff()),
+            stall_timeout: config
+                .timeout_config()
+                .and_then(|t| t.read_timeout())
+                .unwrap_or(READ_TIMEOUT),
+        }
+    }
+
+    /// The pause after failed attempt `attempt` (1 = the first): drawn uniformly below
+    /// `initial_backoff × 2^(attempt-1)`, capped at `max_backoff` (full jitter, as the SDK
+    /// does), so readers that failed together do not come back together.
+    fn pause(&self, attempt: u32) -> Duration {
+        let bound = self
+            .initial_backoff
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
+            .min(self.max_backoff);
+        bound.mul_f64(rand::random::<f64>())
+    }
 }
 
 impl ObjectStore {
@@ -72,7 +106,12 @@ impl ObjectStore {
 
     /// Wraps `client`; the synchronous adapters run their requests on `handle`.
     pub fn with_handle(client: Client, handle: Handle) -> Self {
-        Self { client, handle }
+        let body_retry = BodyRetry::of(&client);
+        Self {
+            client,
+            handle,
+            body_retry,
+        }
     }
 
     /// Builds a client from `settings` and the AWS credential chain (see
@@ -236,13 +275,13 @@ impl ObjectStore {
             match result {
                 Ok(()) => return Ok(()),
                 Err(err @ (StorageError::ShortBody { .. } | StorageError::BodyRead { .. }))
-                    if attempt < BODY_ATTEMPTS =>
+                    if attempt < self.body_retry.attempts =>
                 {
                     tracing::warn!(error = %err, attempt, "resuming a ranged read");
-                    tokio::time::sleep(BODY_RETRY_DELAY * 2u32.pow(attempt - 1)).await;
+                    tokio::time::sleep(self.body_retry.pause(attempt)).await;
                     attempt += 1;
                 }
-                Err(err) => return Err(err),
+                Err(err) => return Err(whole_range(err, start, dst.len() as u64, filled)),
             }
         }
     }
@@ -358,16 +397,9 @@ impl ObjectStore {
         };
         let mut n = 0usize;
         loop {
-            let chunk = match tokio::time::timeout(BODY_STALL_TIMEOUT, body.try_next()).await {
-                Err(_) => {
-                    return (
-                        n,
-                        Err(body_error(format!(
-                            "no data for {} s",
-                            BODY_STALL_TIMEOUT.as_secs()
-                        ))),
-                    )
-                }
+            let stall = self.body_retry.stall_timeout;
+            let chunk = match tokio::time::timeout(stall, body.try_next()).await {
+                Err(_) => return (n, Err(body_error(stalled(stall)))),
                 Ok(Err(e)) => return (n, Err(body_error(error_chain(&e)))),
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(chunk))) => chunk,
@@ -443,10 +475,10 @@ impl ObjectStore {
         loop {
             match self.get_small_once(bucket, key, max_len).await {
                 Err(err @ (StorageError::ShortBody { .. } | StorageError::BodyRead { .. }))
-                    if attempt < BODY_ATTEMPTS =>
+                    if attempt < self.body_retry.attempts =>
                 {
                     tracing::warn!(error = %err, attempt, "retrying a read");
-                    tokio::time::sleep(BODY_RETRY_DELAY * 2u32.pow(attempt - 1)).await;
+                    tokio::time::sleep(self.body_retry.pause(attempt)).await;
                     attempt += 1;
                 }
                 result => return result,
@@ -491,13 +523,9 @@ impl ObjectStore {
         let mut body = response.body;
         let mut out: Vec<u8> = Vec::with_capacity(usize::try_from(expected).unwrap_or(0));
         loop {
-            let chunk = match tokio::time::timeout(BODY_STALL_TIMEOUT, body.try_next()).await {
-                Err(_) => {
-                    return Err(body_error(format!(
-                        "no data for {} s",
-                        BODY_STALL_TIMEOUT.as_secs()
-                    )))
-                }
+            let stall = self.body_retry.stall_timeout;
+            let chunk = match tokio::time::timeout(stall, body.try_next()).await {
+                Err(_) => return Err(body_error(stalled(stall))),
                 Ok(Err(e)) => return Err(body_error(error_chain(&e))),
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(chunk))) => chunk,
@@ -839,6 +867,38 @@ fn copy_source(bucket: &str, key: &str) -> String {
     out
 }
 
+/// Restates a body failure of a resumed read for the whole range the caller asked for
+/// (`len` bytes from `start`, `filled` of them received), not just its last attempt.
+fn whole_range(err: StorageError, start: u64, len: u64, filled: usize) -> StorageError {
+    match err {
+        StorageError::ShortBody { bucket, key, .. } => StorageError::ShortBody {
+            bucket,
+            key,
+            start,
+            end: start + len,
+            got: filled as u64,
+        },
+        StorageError::BodyRead {
+            bucket,
+            key,
+            message,
+            ..
+        } => StorageError::BodyRead {
+            bucket,
+            key,
+            start,
+            end: start + len,
+            message: format!("{message} ({filled} of {len} bytes received)"),
+        },
+        other => other,
+    }
+}
+
+/// The message of a body that stopped arriving.
+fn stalled(timeout: Duration) -> String {
+    format!("no data for {:.1} s", timeout.as_secs_f64())
+}
+
 /// Strips the quotes S3 puts around entity tags.
 fn unquote(etag: &str) -> String {
     etag.trim_matches('"').to_string()
@@ -875,6 +935,58 @@ mod tests {
     fn copy_source_encoding() {
         assert_eq!(copy_source("b", "a/b c+d.json"), "b/a/b%20c%2Bd.json");
         assert_eq!(copy_source("b", "x/ü"), "b/x/%C3%BC");
+    }
+
+    #[test]
+    fn body_retry_pauses_are_jittered_and_capped() {
+        let retry = BodyRetry {
+            attempts: 4,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(300),
+            stall_timeout: Duration::from_secs(1),
+        };
+        for (attempt, bound_ms) in [(1, 100), (2, 200), (3, 300), (4, 300), (40, 300)] {
+            let pauses: Vec<Duration> = (0..200).map(|_| retry.pause(attempt)).collect();
+            let bound = Duration::from_millis(bound_ms);
+            assert!(pauses.iter().all(|p| *p <= bound), "{attempt}: {pauses:?}");
+            // Spread over the whole interval, not one fixed delay.
+            assert!(
+                pauses.iter().any(|p| *p < bound / 4),
+                "{attempt}: {pauses:?}"
+            );
+            assert!(
+                pauses.iter().any(|p| *p > bound * 3 / 4),
+                "{attempt}: {pauses:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn resumed_failures_name_the_whole_range() {
+        let short = StorageError::ShortBody {
+            bucket: "b".into(),
+            key: "k".into(),
+            start: 150,
+            end: 200,
+            got: 10,
+        };
+        let err = whole_range(short, 100, 100, 60);
+        assert_eq!(
+            err.to_string(),
+            "s3://b/k: bytes 100..200: the server sent 60 bytes, expected 100 (body cut short)"
+        );
+        let broken = StorageError::BodyRead {
+            bucket: "b".into(),
+            key: "k".into(),
+            start: 150,
+            end: 200,
+            message: "connection reset".into(),
+        };
+        assert_eq!(
+            whole_range(broken, 100, 100, 50).to_string(),
+            "s3://b/k: bytes 100..200: reading the response body failed: connection reset \
+             (50 of 100 bytes received)"
+        );
     }
 
     #[test]

@@ -25,6 +25,7 @@ async fn client_uses_the_aws_environment_and_explicit_settings_override_it() {
         endpoint: None,
         region: None,
         path_style: true,
+        ..S3Settings::default()
     };
     let store = ObjectStore::new(s3_client(&from_env).await);
     store
@@ -45,6 +46,7 @@ async fn client_uses_the_aws_environment_and_explicit_settings_override_it() {
         endpoint: Some(server.endpoint()),
         region: None,
         path_style: true,
+        ..S3Settings::default()
     };
     let client = s3_client(&explicit).await;
     assert_eq!(

@@ -6,9 +6,11 @@
 //! directory, and stop when dropped. Helpers that talk S3 are async, for `#[tokio::test]`
 //! (use `flavor = "multi_thread"` when the code under test blocks on the runtime, as the
 //! storage crate's synchronous adapters do). Setup failures panic with a message saying
-//! what to fix: this crate is only for tests.
+//! what to fix: this crate is only for tests. [`FaultProxy`] sits between a client and an
+//! [`S3Server`] and injects storage faults.
 
 mod pg;
+mod proxy;
 mod s3;
 
 mod checkpoint;
@@ -16,6 +18,7 @@ pub use checkpoint::write_f32_checkpoint;
 pub mod hostile;
 pub mod llama;
 pub use pg::PgCluster;
+pub use proxy::{Fault, FaultProxy, RequestKind};
 pub use s3::{S3Server, ACCESS_KEY, REGION, SECRET_KEY};
 
 use std::net::TcpListener;

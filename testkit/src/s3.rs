@@ -143,6 +143,7 @@ impl S3Server {
             endpoint: Some(self.endpoint()),
             region: Some(REGION.to_string()),
             path_style: true,
+            ..S3Settings::default()
         }
     }
 

@@ -139,6 +139,7 @@ mod tests {
         assert!(c.worker_id.contains(&std::process::id().to_string()));
         assert_eq!(c.shutdown_grace, Duration::from_secs(60));
         assert!(!c.s3.path_style);
+        assert_eq!(c.s3.read_timeout, None);
     }
 
     #[test]
@@ -159,6 +160,8 @@ mod tests {
             "eu-west-1",
             "--poll-interval",
             "0.5",
+            "--s3-read-timeout",
+            "5",
         ])
         .expect("config");
         assert_eq!(c.coordinator, "http://c:1");
@@ -169,6 +172,7 @@ mod tests {
         assert!(c.s3.path_style);
         assert_eq!(c.s3.region.as_deref(), Some("eu-west-1"));
         assert_eq!(c.poll_interval, Duration::from_millis(500));
+        assert_eq!(c.s3.read_timeout, Some(Duration::from_secs(5)));
     }
 
     #[test]
@@ -178,5 +182,6 @@ mod tests {
         assert!(parse(&["--concurrency", "0"]).is_err());
         assert!(parse(&["--worker-id", " "]).is_err());
         assert!(parse(&["--shutdown-grace", "-1"]).is_err());
+        assert!(parse(&["--s3-read-timeout", "0"]).is_err());
     }
 }
