@@ -1,6 +1,8 @@
 //! `shardpress`: compress LLM checkpoints locally, and (with the service) submit and watch jobs.
 
 mod commands;
+#[cfg(feature = "otel")]
+mod otel;
 mod service;
 mod size;
 
@@ -58,19 +60,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
-            .init(),
-    }
+    let logging = match init_logging(&cli) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Compress(a) => commands::compress::run(a),
         Command::Decompress(a) => commands::decompress::run(a),
@@ -87,6 +83,9 @@ fn main() -> ExitCode {
         Command::Coordinator(a) => commands::coordinator::run(a),
         Command::Bench(a) => commands::bench::run(a),
     };
+    if let Some(exporter) = logging {
+        exporter.shutdown();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // The reader of our output went away (`| head`): nothing more to say.
@@ -98,10 +97,55 @@ fn main() -> ExitCode {
     }
 }
 
+/// What must live until the work is done for every log record to leave the process.
+type LogGuard = Option<otel::Exporter>;
+
+/// Without the `otel` feature there is never an exporter.
+#[cfg(not(feature = "otel"))]
+mod otel {
+    /// Stands in for the trace exporter.
+    pub enum Exporter {}
+
+    impl Exporter {
+        pub fn shutdown(self) {}
+    }
+}
+
+/// Log records go to stderr as text or JSON lines, filtered by `--log`; with the `otel`
+/// feature and an OTLP endpoint in the environment, spans are exported as traces too.
+fn init_logging(cli: &Cli) -> anyhow::Result<LogGuard> {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match cli.log_format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .boxed(),
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(fmt);
+    #[cfg(feature = "otel")]
+    {
+        let (layer, exporter) = otel::layer()?.unzip();
+        registry.with(layer).init();
+        Ok(exporter)
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        registry.init();
+        Ok(None)
+    }
+}
+
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            || c.downcast_ref::<serde_json::Error>()
+                .is_some_and(|j| j.io_error_kind() == Some(std::io::ErrorKind::BrokenPipe))
     })
 }
 

@@ -162,10 +162,10 @@ pub fn shutdown_signal(what: &'static str) -> impl Future<Output = ()> + Send + 
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         next_signal().await;
-        eprintln!("{what}: shutting down (send the signal again to exit at once)");
+        tracing::warn!("{what}: shutting down (send the signal again to exit at once)");
         let _ = tx.send(());
         next_signal().await;
-        eprintln!("{what}: second signal, exiting now");
+        tracing::warn!("{what}: second signal, exiting now");
         std::process::exit(130);
     });
     async move {

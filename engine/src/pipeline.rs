@@ -391,6 +391,7 @@ pub fn run_task<W: Write>(
             None => &[],
         };
         let done = stream::stream_tensor(&inputs, t, kept, &mut writer, memory, budget, progress)?;
+        tracing::debug!(bytes_in = t.info.byte_len(), "tensor done");
         let (action, detail) = describe(&t.action);
         rows.push(TensorReport {
             name: t.info.name.clone(),

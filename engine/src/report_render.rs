@@ -77,6 +77,19 @@ fn cell(s: &str) -> String {
     s.replace('|', "\\|").replace(['\n', '\r'], " ")
 }
 
+/// A name as an inline code span in a table cell, fenced with more backticks than it holds.
+fn code(s: &str) -> String {
+    let mut run = 0;
+    let mut longest = 0;
+    for c in s.chars() {
+        run = if c == '`' { run + 1 } else { 0 };
+        longest = longest.max(run);
+    }
+    let fence = "`".repeat(longest + 1);
+    let pad = if longest > 0 { " " } else { "" };
+    format!("{fence}{pad}{}{pad}{fence}", cell(s))
+}
+
 /// `report.md`: totals, per-layer sizes and every transformed tensor's numbers.
 pub fn to_markdown(report: &Report) -> String {
     let t = &report.totals;
@@ -139,8 +152,8 @@ pub fn to_markdown(report: &Report) -> String {
             .map_or_else(|| "exact".to_string(), |s| format!("{s:.1}"));
         let _ = writeln!(
             md,
-            "| `{}` | {} | {} | {:?} | {:.3} | {:.3e} | {} | {:.3e} |",
-            cell(&r.name),
+            "| {} | {} | {} | {:?} | {:.3} | {:.3e} | {} | {:.3e} |",
+            code(&r.name),
             cell(&r.action),
             cell(&r.detail),
             r.shape,
@@ -310,6 +323,7 @@ fn scatter(id: &str, title: &str, points: &[(String, f64, f64)]) -> String {
         );
         tick += (max_x / 8.0).ceil().max(1.0);
     }
+    let step = ((hi - lo) / 12.0).ceil().max(1.0);
     let mut decade = lo;
     while decade <= hi {
         let _ = write!(
@@ -318,17 +332,22 @@ fn scatter(id: &str, title: &str, points: &[(String, f64, f64)]) -> String {
             pad - 4.0,
             sy(10f64.powf(decade)) + 3.0
         );
-        decade += 1.0;
+        decade += step;
     }
     for (name, x, e) in points {
+        // An exact reconstruction has no place on a log scale: a hollow point on the floor.
+        let (fill, what) = if *e > 0.0 {
+            ("#e15759", format!("error {e:.3e}"))
+        } else {
+            ("none", "exact".to_string())
+        };
         let _ = write!(
             svg,
-            r##"<circle class="point" cx="{:.2}" cy="{:.2}" r="4" fill="#e15759" fill-opacity="0.7"><title>{}: {:.3} bits, error {:.3e}</title></circle>"##,
+            r##"<circle class="point" cx="{:.2}" cy="{:.2}" r="4" fill="{fill}" stroke="#e15759" fill-opacity="0.7"><title>{}: {:.3} bits, {what}</title></circle>"##,
             sx(*x),
             sy(*e),
             esc(name),
-            x,
-            e
+            x
         );
     }
     svg.push_str("</svg></figure>");
@@ -366,13 +385,27 @@ fn error_rows(report: &Report) -> Vec<(String, Vec<f64>)> {
 /// transformed tensor, error against bits per weight) and the tensor table.
 pub fn to_html(report: &Report) -> String {
     let t = &report.totals;
-    let layers: Vec<(String, Vec<f64>)> = layer_sizes(report)
+    let sizes = layer_sizes(report);
+    let largest = sizes
+        .iter()
+        .map(|l| l.bytes_in.max(l.bytes_out))
+        .max()
+        .unwrap_or(0);
+    let (unit, per_unit) = if largest >= 1 << 30 {
+        ("GiB", f64::from(1u32 << 30))
+    } else if largest >= 1 << 20 {
+        ("MiB", f64::from(1u32 << 20))
+    } else {
+        ("KiB", 1024.0)
+    };
+    let layers: Vec<(String, Vec<f64>)> = sizes
         .into_iter()
         .map(|l| {
-            let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-            (l.group, vec![mib(l.bytes_in), mib(l.bytes_out)])
+            let v = |b: u64| b as f64 / per_unit;
+            (l.group, vec![v(l.bytes_in), v(l.bytes_out)])
         })
         .collect();
+    let size_title = format!("Size per layer group ({unit})");
     let errors = error_rows(report);
     let points: Vec<(String, f64, f64)> = transformed(report)
         .map(|r| (r.name.clone(), bits_per_weight(r), r.error.rel_error))
@@ -399,10 +432,10 @@ pub fn to_html(report: &Report) -> String {
     );
     html.push_str(&bar_chart(
         "size-per-layer",
-        "Size per layer group (MiB)",
+        &size_title,
         &layers,
         &["input", "output"],
-        "MiB",
+        unit,
     ));
     let error_title = if errors.len() < transformed(report).count() {
         "Largest relative error per layer group (‖W − Ŵ‖ / ‖W‖)"
@@ -607,6 +640,12 @@ mod tests {
             vec![("model.layers.0".to_string(), vec![MAX_TENSOR_BARS as f64])]
         );
         assert!(to_html(&r).contains("Largest relative error per layer group"));
+    }
+
+    #[test]
+    fn names_with_backticks_stay_one_code_span() {
+        assert_eq!(code("a.weight"), "`a.weight`");
+        assert_eq!(code("a|b`c`.weight"), "`` a\\|b`c`.weight ``");
     }
 
     #[test]

@@ -647,10 +647,10 @@ def check_files(c: Checker, source: Checkpoint, output: Path, out_files: set[str
     c.check(not (skipped & expected_copies),
             f"report.json: skipped_files names files that must be copied: "
             f"{sorted(skipped & expected_copies)}")
-    known = set(shard_names) | {INDEX_NAME, "config.json", "report.json"} | expected_copies
+    known = set(shard_names) | {INDEX_NAME, "config.json", "report.json", "report.md", "report.html"} | expected_copies
     extra = sorted(out_files - known)
     c.check(not extra, f"output holds unexpected files {extra}")
-    for required in ("report.json", INDEX_NAME):
+    for required in ("report.json", "report.md", "report.html", INDEX_NAME):
         c.check(required in out_files, f"output lacks {required}")
     return copied, skipped
 

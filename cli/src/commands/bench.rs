@@ -133,6 +133,22 @@ pub fn run(args: Args) -> Result<()> {
         "--threads must list thread counts from 1 to 1024"
     );
     anyhow::ensure!(args.cols >= 128, "--cols must be at least 128");
+    // The kernels hold the input, an f32 copy and outputs at once: about 4x --mib in all.
+    anyhow::ensure!(
+        (1..=16384).contains(&args.mib),
+        "--mib must be from 1 to 16384 (the run holds about 4x that in memory)"
+    );
+    if let Some(python) = &args.python {
+        anyhow::ensure!(
+            python.is_file(),
+            "--python {}: no such file",
+            python.display()
+        );
+    }
+    if let Some(dir) = &args.checkpoint {
+        shardpress_engine::Checkpoint::open_local(dir)
+            .with_context(|| format!("--checkpoint {}", dir.display()))?;
+    }
     let cols = args.cols - args.cols % 128;
     let rows = (args.mib << 20) / 2 / cols;
     anyhow::ensure!(

@@ -1,5 +1,6 @@
 //! `shardpress compress`: run a recipe over a local checkpoint, on this machine.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -198,8 +199,10 @@ pub fn run(args: Args) -> Result<()> {
     let report = &run.report;
     progress.0.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
+    let mut out = std::io::stdout().lock();
     match args.output {
-        OutputFormat::Json => println!(
+        OutputFormat::Json => writeln!(
+            out,
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "output": args.out.display().to_string(),
@@ -209,10 +212,10 @@ pub fn run(args: Args) -> Result<()> {
                 "shards": report.shards.len(),
                 "memory": memory_json(&run.memory),
             }))?
-        ),
+        )?,
         OutputFormat::Text if !args.quiet => {
-            print_summary(&args, report, secs);
-            println!("{}", memory_line(&run.memory));
+            print_summary(&mut out, &args, report, secs)?;
+            writeln!(out, "{}", memory_line(&run.memory))?;
         }
         OutputFormat::Text => {}
     }
@@ -263,9 +266,15 @@ fn input_bytes(input: &std::path::Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn print_summary(args: &Args, report: &Report, secs: f64) {
+fn print_summary(
+    out: &mut impl Write,
+    args: &Args,
+    report: &Report,
+    secs: f64,
+) -> std::io::Result<()> {
     let t = &report.totals;
-    println!(
+    writeln!(
+        out,
         "{} -> {}  recipe {}  {} shard(s)  {:.1}s  {}/s",
         args.input.display(),
         args.out.display(),
@@ -273,12 +282,13 @@ fn print_summary(args: &Args, report: &Report, secs: f64) {
         report.shards.len(),
         secs,
         human((t.bytes_in as f64 / secs.max(1e-9)) as u64)
-    );
-    println!();
-    println!(
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
         "{:<9} {:>7} {:>11} {:>11} {:>6} {:>9} {:>9}",
         "action", "tensors", "bytes in", "bytes out", "ratio", "mean err", "max err"
-    );
+    )?;
     for action in ["prune", "quantize", "cast", "keep"] {
         let rows: Vec<&TensorReport> = report
             .tensors
@@ -288,10 +298,10 @@ fn print_summary(args: &Args, report: &Report, secs: f64) {
         if rows.is_empty() {
             continue;
         }
-        print_row(action, &rows);
+        print_row(out, action, &rows)?;
     }
     let all: Vec<&TensorReport> = report.tensors.iter().collect();
-    print_row("total", &all);
+    print_row(out, "total", &all)?;
     let mut worst: Vec<&TensorReport> = report
         .tensors
         .iter()
@@ -299,26 +309,27 @@ fn print_summary(args: &Args, report: &Report, secs: f64) {
         .collect();
     worst.sort_by(|a, b| b.error.rel_error.total_cmp(&a.error.rel_error));
     if !worst.is_empty() {
-        println!();
-        println!("largest relative errors:");
+        writeln!(out)?;
+        writeln!(out, "largest relative errors:")?;
         for r in worst.iter().take(5) {
             let snr = r
                 .error
                 .snr_db
                 .map_or("exact".to_string(), |s| format!("{s:.1} dB"));
-            println!(
+            writeln!(
+                out,
                 "  {:<56} {:<28} {:>8.4}%  SNR {snr}",
                 r.name,
                 r.detail,
                 r.error.rel_error * 100.0
-            );
+            )?;
         }
     }
-    println!();
-    println!("report: {}", args.out.join("report.json").display());
+    writeln!(out)?;
+    writeln!(out, "report: {}", args.out.join("report.json").display())
 }
 
-fn print_row(label: &str, rows: &[&TensorReport]) {
+fn print_row(out: &mut impl Write, label: &str, rows: &[&TensorReport]) -> std::io::Result<()> {
     let bytes_in: u64 = rows.iter().map(|r| r.bytes_in).sum();
     let bytes_out: u64 = rows.iter().map(|r| r.bytes_out).sum();
     let mean = rows.iter().map(|r| r.error.rel_error).sum::<f64>() / rows.len().max(1) as f64;
@@ -328,7 +339,8 @@ fn print_row(label: &str, rows: &[&TensorReport]) {
     } else {
         bytes_in as f64 / bytes_out as f64
     };
-    println!(
+    writeln!(
+        out,
         "{:<9} {:>7} {:>11} {:>11} {:>5.2}x {:>8.4}% {:>8.4}%",
         label,
         rows.len(),
@@ -337,5 +349,5 @@ fn print_row(label: &str, rows: &[&TensorReport]) {
         ratio,
         mean * 100.0,
         max * 100.0
-    );
+    )
 }

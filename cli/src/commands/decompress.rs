@@ -1,5 +1,6 @@
 //! `shardpress decompress`: turn a compressed checkpoint back into a plain dense one.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -58,7 +59,8 @@ pub fn run(args: Args) -> Result<()> {
         .iter()
         .map(|(k, v)| format!("{v} {k}"))
         .collect();
-    println!(
+    writeln!(
+        std::io::stdout().lock(),
         "{}: {} tensors, {} as {}; decoded {}",
         args.out.display(),
         summary.tensors,
@@ -69,6 +71,6 @@ pub fn run(args: Args) -> Result<()> {
         } else {
             modules.join(", ")
         }
-    );
+    )?;
     Ok(())
 }

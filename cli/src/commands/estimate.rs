@@ -20,8 +20,8 @@ pub struct Args {
     /// Checkpoint directory or single .safetensors file.
     input: PathBuf,
 
-    /// Recipe to estimate (preset name or TOML file); repeat to compare several. Default:
-    /// every preset.
+    /// Recipe to estimate (preset name or TOML file); repeat to compare several (comma-separated
+    /// in SHARDPRESS_RECIPES). Default: every preset.
     #[arg(
         long = "recipe",
         short,

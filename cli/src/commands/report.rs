@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use shardpress_engine::report::REPORT_VERSION;
 use shardpress_engine::report_render::{to_html, to_markdown};
 use shardpress_engine::Report;
 
@@ -51,6 +52,13 @@ pub fn run(args: Args) -> Result<()> {
     })?;
     let report: Report = serde_json::from_slice(&bytes)
         .with_context(|| format!("{}: not a Shardpress report", path.display()))?;
+    if report.report_version != REPORT_VERSION {
+        anyhow::bail!(
+            "{}: report version {} is not the version {REPORT_VERSION} this shardpress reads",
+            path.display(),
+            report.report_version
+        );
+    }
     let text = match args.format {
         Format::Md => to_markdown(&report),
         Format::Html => to_html(&report),
