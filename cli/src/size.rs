@@ -1,20 +1,6 @@
 //! Human-readable byte sizes.
 
-/// Formats bytes with a binary unit, e.g. `86.7 MiB`.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+pub use shardpress_engine::report_render::human;
 
 /// Parses a byte size: a number with an optional unit, e.g. `512MiB`, `4GiB`, `1.5 GiB`,
 /// `1000000`. Binary units (`KiB`, `MiB`, `GiB`, `TiB`, or Kubernetes' `Ki`, `Mi`, `Gi`,

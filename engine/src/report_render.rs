@@ -18,13 +18,18 @@ pub struct LayerSize {
     pub bytes_out: u64,
 }
 
-/// Per-layer sizes: tensors summed by the group of their output shard.
-pub fn layer_sizes(report: &Report) -> Vec<LayerSize> {
-    let group_of: BTreeMap<&str, &str> = report
+/// Output shard file → its layer group.
+fn shard_groups(report: &Report) -> BTreeMap<&str, &str> {
+    report
         .shards
         .iter()
         .map(|s| (s.file.as_str(), s.group.as_str()))
-        .collect();
+        .collect()
+}
+
+/// Per-layer sizes: tensors summed by the group of their output shard.
+pub fn layer_sizes(report: &Report) -> Vec<LayerSize> {
+    let group_of = shard_groups(report);
     let mut layers: Vec<LayerSize> = Vec::new();
     for t in &report.tensors {
         let group = group_of.get(t.shard.as_str()).copied().unwrap_or(&t.shard);
@@ -57,8 +62,9 @@ fn transformed(report: &Report) -> impl Iterator<Item = &TensorReport> {
     report.tensors.iter().filter(|t| t.action != "keep")
 }
 
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+/// Formats bytes with a binary unit, e.g. `86.7 MiB`.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = bytes as f64;
     let mut u = 0;
     while v >= 1024.0 && u + 1 < UNITS.len() {
@@ -365,11 +371,7 @@ fn error_rows(report: &Report) -> Vec<(String, Vec<f64>)> {
             .map(|r| (r.name.clone(), vec![r.error.rel_error]))
             .collect();
     }
-    let group_of: BTreeMap<&str, &str> = report
-        .shards
-        .iter()
-        .map(|s| (s.file.as_str(), s.group.as_str()))
-        .collect();
+    let group_of = shard_groups(report);
     let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
     for r in transformed(report) {
         let group = group_of.get(r.shard.as_str()).copied().unwrap_or(&r.shard);
