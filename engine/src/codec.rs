@@ -586,30 +586,20 @@ pub fn encode_block(
                 }
             }
             let err = |e: QuantError| e.to_string();
+            let w: &[f32] = w;
+            // Integer codes of the block: from the raw bytes when fused, else from `w`.
+            let int_block = |p: &IntParams, stats: &mut ErrorStats| {
+                if fused {
+                    int_quant::quantize_raw_rows(
+                        info.dtype, bytes, block_rows, cols, p, row0, stats,
+                    )
+                } else {
+                    int_quant::quantize_rows(w, block_rows, cols, p, g.int_tensor, row0, stats)
+                }
+            };
             match (q.format(), q.weights) {
                 (QuantFormat::PackQuantized, WeightQuant::Int(p)) => {
-                    let r = if fused {
-                        int_quant::quantize_raw_rows(
-                            info.dtype,
-                            bytes,
-                            block_rows,
-                            cols,
-                            &p,
-                            row0,
-                            &mut carry.stats,
-                        )
-                    } else {
-                        int_quant::quantize_rows(
-                            w,
-                            block_rows,
-                            cols,
-                            &p,
-                            g.int_tensor,
-                            row0,
-                            &mut carry.stats,
-                        )
-                    }
-                    .map_err(err)?;
+                    let r = int_block(&p, &mut carry.stats).map_err(err)?;
                     let tensor = p.strategy == Strategy::Tensor;
                     let mut blobs = vec![
                         u32_bytes(&r.packed),
@@ -641,28 +631,7 @@ pub fn encode_block(
                     Ok(blobs)
                 }
                 (_, WeightQuant::Int(p)) => {
-                    let r = if fused {
-                        int_quant::quantize_raw_rows(
-                            info.dtype,
-                            bytes,
-                            block_rows,
-                            cols,
-                            &p,
-                            row0,
-                            &mut carry.stats,
-                        )
-                    } else {
-                        int_quant::quantize_rows(
-                            w,
-                            block_rows,
-                            cols,
-                            &p,
-                            g.int_tensor,
-                            row0,
-                            &mut carry.stats,
-                        )
-                    }
-                    .map_err(err)?;
+                    let r = int_block(&p, &mut carry.stats).map_err(err)?;
                     let tensor = p.strategy == Strategy::Tensor;
                     let values = int_quant::unpack_values(&r.packed, block_rows, cols, p.bits);
                     let scales = scale_bytes(&r.scales, p.scale_dtype);

@@ -152,10 +152,7 @@ pub fn to_markdown(report: &Report) -> String {
          |---|---|---|---|---:|---:|---:|---:|"
     );
     for r in transformed(report) {
-        let snr = r
-            .error
-            .snr_db
-            .map_or_else(|| "exact".to_string(), |s| format!("{s:.1}"));
+        let snr = snr_text(r);
         let _ = writeln!(
             md,
             "| {} | {} | {} | {:?} | {:.3} | {:.3e} | {} | {:.3e} |",
@@ -172,6 +169,13 @@ pub fn to_markdown(report: &Report) -> String {
     let kept = report.tensors.len() - transformed(report).count();
     let _ = writeln!(md, "\n{kept} tensor(s) kept unchanged are not listed.");
     md
+}
+
+/// A tensor's SNR in dB, or `exact` when nothing was lost.
+fn snr_text(r: &TensorReport) -> String {
+    r.error
+        .snr_db
+        .map_or_else(|| "exact".to_string(), |s| format!("{s:.1}"))
 }
 
 /// Escapes text for HTML element content and attribute values.
@@ -461,10 +465,7 @@ pub fn to_html(report: &Report) -> String {
          <th>shape</th><th>bits/weight</th><th>relative error</th><th>SNR dB</th></tr></thead><tbody>\n",
     );
     for r in transformed(report) {
-        let snr = r
-            .error
-            .snr_db
-            .map_or_else(|| "exact".to_string(), |s| format!("{s:.1}"));
+        let snr = snr_text(r);
         let _ = writeln!(
             html,
             r#"<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{:?}</td><td class="n">{:.3}</td><td class="n">{:.3e}</td><td class="n">{}</td></tr>"#,

@@ -24,6 +24,7 @@ use shardpress_storage::{
     open_checkpoint, s3_client_with_static_credentials, ObjectStore, S3Settings, S3Uri,
     StorageError, PART_SIZE, UPLOAD_MEMORY,
 };
+use shardpress_testkit::pseudo_random_bytes;
 use shardpress_testkit::{Fault, FaultProxy, RequestKind, S3Server};
 
 const BUCKET: &str = "shardpress-test";
@@ -54,6 +55,15 @@ struct Rig {
     store: ObjectStore,
 }
 
+impl Rig {
+    /// From now on every `kind` request meets `fault`; earlier faults and counts are cleared.
+    fn always(&self, kind: RequestKind, fault: Fault) {
+        self.proxy.clear_faults();
+        self.proxy.reset_counts();
+        self.proxy.fail_every(kind, 1, fault);
+    }
+}
+
 async fn rig() -> Rig {
     rig_with_timeout(READ_TIMEOUT).await
 }
@@ -81,20 +91,6 @@ async fn rig_with_timeout(read_timeout: Duration) -> Rig {
     }
 }
 
-/// Deterministic pseudo-random bytes (xorshift64*), different for each `seed`.
-fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// Files of s3s-fs's in-progress multipart uploads (it has no ListMultipartUploads).
 fn upload_files(data_dir: &Path) -> Vec<String> {
     std::fs::read_dir(data_dir)
@@ -106,7 +102,7 @@ fn upload_files(data_dir: &Path) -> Vec<String> {
 
 /// Stores `len` bytes at `key` directly and returns them.
 async fn object(rig: &Rig, key: &str, len: usize, seed: u64) -> Vec<u8> {
-    let bytes = data(len, seed);
+    let bytes = pseudo_random_bytes(len, seed);
     rig.direct
         .put(BUCKET, key, Bytes::from(bytes.clone()))
         .await
@@ -165,7 +161,7 @@ async fn server_errors_and_slowdown_on_reads_are_retried() {
 async fn server_errors_and_slowdown_on_uploads_are_retried() {
     let rig = rig().await;
     // Two full parts and a tail: three UploadPart requests without faults.
-    let bytes = data(2 * PART_SIZE + 4321, 2);
+    let bytes = pseudo_random_bytes(2 * PART_SIZE + 4321, 2);
     let expected_sha = hex::encode(Sha256::digest(&bytes));
     rig.proxy
         .fail_next(RequestKind::CreateUpload, 1, Fault::SlowDown);
@@ -195,7 +191,7 @@ async fn server_errors_and_slowdown_on_uploads_are_retried() {
 
     // A small output goes up as one PutObject, retried the same way.
     rig.proxy.fail_next(RequestKind::Put, 2, Fault::SlowDown);
-    let small = data(5000, 3);
+    let small = pseudo_random_bytes(5000, 3);
     let (len, _) = upload(&rig.store, "out/small", small.clone()).await;
     assert_eq!(len, 5000);
     assert_eq!(rig.proxy.requests(RequestKind::Put), 3);
@@ -227,7 +223,7 @@ async fn connection_resets_are_retried() {
         .fail_next(RequestKind::UploadPart, 2, Fault::Reset);
     rig.proxy
         .fail_next(RequestKind::CompleteUpload, 1, Fault::Reset);
-    let big = data(PART_SIZE + 777, 5);
+    let big = pseudo_random_bytes(PART_SIZE + 777, 5);
     let (len, sha) = upload(&rig.store, "out/reset", big.clone()).await;
     assert_eq!(len, big.len() as u64);
     assert_eq!(sha, hex::encode(Sha256::digest(&big)));
@@ -266,7 +262,7 @@ async fn stalls_past_the_read_timeout_are_retried() {
     // A part upload that gets no answer is sent again.
     rig.proxy
         .fail_next(RequestKind::UploadPart, 1, Fault::Stall(STALL));
-    let big = data(PART_SIZE + 1, 7);
+    let big = pseudo_random_bytes(PART_SIZE + 1, 7);
     let (len, sha) = tokio::time::timeout(HANG, upload(&rig.store, "out/stalled", big.clone()))
         .await
         .expect("the upload waited out the stall");
@@ -326,8 +322,7 @@ async fn persistent_faults_fail_retryable_without_short_data() {
 
     // Every answer holds half of what was asked: each attempt makes progress, but the
     // range is never complete.
-    rig.proxy
-        .fail_every(RequestKind::RangedGet, 1, Fault::ShortRange);
+    rig.always(RequestKind::RangedGet, Fault::ShortRange);
     let err = rig
         .store
         .get_range(BUCKET, "in/p", 1000, 32_000)
@@ -354,10 +349,7 @@ async fn persistent_faults_fail_retryable_without_short_data() {
     );
 
     // Bodies that always break off.
-    rig.proxy.clear_faults();
-    rig.proxy.reset_counts();
-    rig.proxy
-        .fail_every(RequestKind::RangedGet, 1, Fault::Truncate);
+    rig.always(RequestKind::RangedGet, Fault::Truncate);
     let err = rig
         .store
         .get_range(BUCKET, "in/p", 0, 64_000)
@@ -387,10 +379,7 @@ async fn persistent_faults_fail_retryable_without_short_data() {
     );
 
     // Throttled past the retry budget.
-    rig.proxy.clear_faults();
-    rig.proxy.reset_counts();
-    rig.proxy
-        .fail_every(RequestKind::RangedGet, 1, Fault::SlowDown);
+    rig.always(RequestKind::RangedGet, Fault::SlowDown);
     let err = rig
         .store
         .get_range(BUCKET, "in/p", 0, 10)
@@ -451,7 +440,7 @@ async fn a_part_that_keeps_failing_aborts_the_upload() {
         let (store, data_dir) = (rig.store.clone(), rig.server.data_dir());
         let (err, during) = tokio::task::spawn_blocking(move || {
             let mut writer = store.multipart_writer(BUCKET, key);
-            let part = data(PART_SIZE, 10);
+            let part = pseudo_random_bytes(PART_SIZE, 10);
             let mut during = 0;
             let mut failed = None;
             for _ in 0..4 {

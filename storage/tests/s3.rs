@@ -15,23 +15,10 @@ use shardpress_engine::Checkpoint;
 use shardpress_storage::{
     open_checkpoint, ObjectStore, OpenCheckpointError, S3Uri, StorageError, PART_SIZE, READ_CHUNK,
 };
+use shardpress_testkit::pseudo_random_bytes;
 use shardpress_testkit::S3Server;
 
 const BUCKET: &str = "shardpress-test";
-
-/// Deterministic pseudo-random bytes (xorshift64*), different for each `seed`.
-fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 async fn server_with_bucket() -> (S3Server, ObjectStore) {
     let server = S3Server::start();
@@ -67,7 +54,7 @@ async fn list_follows_pagination_and_is_relative_and_sorted() {
                 .put(
                     BUCKET,
                     &format!("ckpt/{rel}"),
-                    Bytes::from(data(i * 10, i as u64)),
+                    Bytes::from(pseudo_random_bytes(i * 10, i as u64)),
                 )
                 .await
         }
@@ -124,7 +111,7 @@ async fn list_follows_pagination_and_is_relative_and_sorted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranged_reads_return_exact_bytes() {
     let (_server, store) = server_with_bucket().await;
-    let bytes = data(100_003, 7);
+    let bytes = pseudo_random_bytes(100_003, 7);
     store
         .put(BUCKET, "r/obj", Bytes::from(bytes.clone()))
         .await
@@ -185,7 +172,7 @@ async fn ranged_reads_return_exact_bytes() {
 async fn a_range_past_the_end_is_an_error_naming_key_and_range() {
     let (_server, store) = server_with_bucket().await;
     store
-        .put(BUCKET, "r/short", Bytes::from(data(50, 1)))
+        .put(BUCKET, "r/short", Bytes::from(pseudo_random_bytes(50, 1)))
         .await
         .unwrap();
 
@@ -289,7 +276,7 @@ async fn a_missing_key_is_not_found_naming_the_object() {
 async fn multipart_writer_round_trips_and_hashes() {
     let (server, store) = server_with_bucket().await;
     // Two full parts and a tail.
-    let bytes = data(2 * PART_SIZE + 123_457, 3);
+    let bytes = pseudo_random_bytes(2 * PART_SIZE + 123_457, 3);
     let expected_sha = hex::encode(Sha256::digest(&bytes));
 
     let (writer_store, input) = (store.clone(), bytes.clone());
@@ -336,7 +323,7 @@ async fn multipart_writer_round_trips_and_hashes() {
 
     // Smaller than one part (single PutObject), and empty.
     for (key, size) in [("out/small", 1000usize), ("out/empty", 0)] {
-        let bytes = data(size, 9);
+        let bytes = pseudo_random_bytes(size, 9);
         let (writer_store, input) = (store.clone(), bytes.clone());
         let (len, sha) = tokio::task::spawn_blocking(move || {
             let mut writer = writer_store.multipart_writer(BUCKET, key);
@@ -383,7 +370,9 @@ async fn an_unfinished_writer_leaves_no_object_and_no_upload() {
     let writer_store = store.clone();
     tokio::task::spawn_blocking(move || {
         let mut writer = writer_store.multipart_writer(BUCKET, "out/dropped");
-        writer.write_all(&data(PART_SIZE + 10, 4)).unwrap();
+        writer
+            .write_all(&pseudo_random_bytes(PART_SIZE + 10, 4))
+            .unwrap();
         drop(writer);
     })
     .await
@@ -403,7 +392,9 @@ async fn an_unfinished_writer_leaves_no_object_and_no_upload() {
     let (writer_store, data_dir) = (store.clone(), server.data_dir());
     let during = tokio::task::spawn_blocking(move || {
         let mut writer = writer_store.multipart_writer(BUCKET, "out/aborted");
-        writer.write_all(&data(3 * PART_SIZE, 5)).unwrap();
+        writer
+            .write_all(&pseudo_random_bytes(3 * PART_SIZE, 5))
+            .unwrap();
         let during = upload_files(&data_dir).len();
         writer.abort().unwrap();
         during
@@ -434,10 +425,12 @@ async fn a_failed_part_poisons_the_writer() {
     let (server, store) = server_with_bucket().await;
     let err = tokio::task::spawn_blocking(move || {
         let mut writer = store.multipart_writer(BUCKET, "out/poisoned");
-        writer.write_all(&data(PART_SIZE + 1, 1)).unwrap();
+        writer
+            .write_all(&pseudo_random_bytes(PART_SIZE + 1, 1))
+            .unwrap();
         // The server goes away in the middle of the upload.
         drop(server);
-        let part = data(PART_SIZE, 2);
+        let part = pseudo_random_bytes(PART_SIZE, 2);
         let err = (0..8)
             .find_map(|_| writer.write_all(&part).err())
             .expect("writes kept succeeding without a server");
@@ -502,7 +495,7 @@ fn safetensors(tensors: &[(&str, &str, &[u64], Vec<u8>)]) -> Vec<u8> {
 }
 
 fn f32_bytes(n: usize, seed: u64) -> Vec<u8> {
-    data(n, seed)
+    pseudo_random_bytes(n, seed)
         .iter()
         .flat_map(|b| (f32::from(*b) / 255.0 - 0.5).to_le_bytes())
         .collect()

@@ -197,6 +197,28 @@ pub fn tensor_scale_error(scale: f32, p: &IntParams) -> QuantError {
     }
 }
 
+/// Scale and zero point of each `group`-wide part of one row (`row` numbers it in errors).
+fn group_params(
+    values: &[f32],
+    group: usize,
+    p: &IntParams,
+    row: u64,
+    scales: &mut [f32],
+    zero_points: &mut [i8],
+) -> Result<(), QuantError> {
+    for (g, part) in values.chunks(group).enumerate() {
+        let (s, z) = choose_params(part, p).map_err(|scale| QuantError::Scale {
+            row,
+            group: g as u64,
+            scale,
+            dtype: p.scale_dtype,
+        })?;
+        scales[g] = s;
+        zero_points[g] = z;
+    }
+    Ok(())
+}
+
 /// Quantizes `rows` finite rows starting at row `row0` of a matrix. With the per-tensor
 /// strategy the scale and zero point come from `tensor` (see [`TensorObserver`]) and the
 /// returned `scales`/`zero_points` hold that one pair. Each row's error is merged into
@@ -251,16 +273,7 @@ pub fn quantize_rows(
             .zip(zero_points.par_chunks_mut(pcols as usize))
             .enumerate()
             .map_init(Vec::new, |q, (r, (((row, out), sc), zp))| {
-                for (g, part) in row.chunks(group).enumerate() {
-                    let (s, z) = choose_params(part, p).map_err(|scale| QuantError::Scale {
-                        row: row0 + r as u64,
-                        group: g as u64,
-                        scale,
-                        dtype: p.scale_dtype,
-                    })?;
-                    sc[g] = s;
-                    zp[g] = z;
-                }
+                group_params(row, group, p, row0 + r as u64, sc, zp)?;
                 Ok(encode_row(row, out, sc, zp, group, p, q))
             })
             .collect()
@@ -321,16 +334,7 @@ pub fn quantize_raw_rows(
                 x.resize(cols_us, 0.0);
                 decode_f32(dtype, raw, x);
                 check_finite(x, row)?;
-                for (g, part) in x.chunks(group).enumerate() {
-                    let (s, z) = choose_params(part, p).map_err(|scale| QuantError::Scale {
-                        row,
-                        group: g as u64,
-                        scale,
-                        dtype: p.scale_dtype,
-                    })?;
-                    sc[g] = s;
-                    zp[g] = z;
-                }
+                group_params(x, group, p, row, sc, zp)?;
                 Ok(encode_row(x, out, sc, zp, group, p, q))
             },
         )
